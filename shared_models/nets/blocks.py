@@ -1,0 +1,51 @@
+"""Building blocks shared by the library's convolutional networks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.factories import Conv, Pool
+from torch import nn
+
+from ..norms import build_norm
+
+
+def conv(spatial_dims: int, in_ch: int, out_ch: int, kernel: int = 3, bias: bool = True) -> nn.Module:
+    """Same-padding convolution in 2D or 3D (MONAI's dimension-generic factory)."""
+    return Conv[Conv.CONV, spatial_dims](in_ch, out_ch, kernel_size=kernel, padding=kernel // 2, bias=bias)
+
+
+def max_pool(spatial_dims: int) -> nn.Module:
+    """2x downsampling by max pooling."""
+    return Pool[Pool.MAX, spatial_dims](kernel_size=2)
+
+
+def up_conv(spatial_dims: int, in_ch: int, out_ch: int) -> nn.Module:
+    """Exact 2x upsampling: transposed conv k3 s2 p1, output_padding 1."""
+    return Conv[Conv.CONVTRANS, spatial_dims](in_ch, out_ch, kernel_size=3, stride=2, padding=1, output_padding=1)
+
+
+def match_size(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Pad (or crop) the spatial dims of ``x`` to those of ``like`` (odd sizes)."""
+    pads: list[int] = []
+    for have, want in zip(reversed(x.shape[2:]), reversed(like.shape[2:])):
+        diff = want - have
+        pads += [diff // 2, diff - diff // 2]
+    return F.pad(x, pads) if any(pads) else x
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block: x + conv(relu(norm1(conv(relu(norm0(x))))))."""
+
+    def __init__(self, spatial_dims: int, channels: int, norm: str, norm_options: dict[str, Any]):
+        super().__init__()
+        self.norm0 = build_norm(norm, channels, spatial_dims, **norm_options)
+        self.conv0 = conv(spatial_dims, channels, channels)
+        self.norm1 = build_norm(norm, channels, spatial_dims, **norm_options)
+        self.conv1 = conv(spatial_dims, channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv0(F.relu(self.norm0(x)))
+        return x + self.conv1(F.relu(self.norm1(h)))

@@ -1,0 +1,16 @@
+"""Names of the records and keys in fedsite's Flower messages (one place, no literals)."""
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+NUM_EXAMPLES = "num-examples"
+SERVER_ROUND = "server-round"
+SITE_ID = "site-id"
+FINGERPRINT = "fingerprint"
+N_TEST = "n-test"
+N_TRAIN = "n-train"
+LOSS = "loss"
+DICE = "dice"
+TRAIN_SECONDS = "train-seconds"
+NUM_CLASSES = "num-classes"

@@ -1,0 +1,51 @@
+"""The ``fedsite`` command: one entry point, one module per sub-command.
+
+Sub-command modules are imported lazily (torch/flwr import time is paid only by
+the command that needs it). Each module exposes ``add_arguments(parser)`` and
+``run(args) -> int``. This dispatcher lives in ``simulations`` because it is the
+one package allowed to import ``client``, ``server`` and ``shared_models``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Hospitals are often air-gapped: never phone home, whatever the entry point.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "simulate": ("simulations.run", "run a federated domain-shift experiment on Flower's simulation engine"),
+    "synth": ("simulations.synth_cli", "write the synthetic multi-site domain-shift dataset to disk"),
+    "bench": ("simulations.bench", "measure the training loop and the simulation engine against plain PyTorch"),
+    "models": ("simulations.models_cli", "list registered models with parameter and MAC counts"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsite", description="Federated segmentation with site-local normalization.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.error(f"unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})")
+        parser.print_help()
+        return 0 if argv else 2
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    sub = argparse.ArgumentParser(prog=f"fedsite {name}", description=COMMANDS[name][1])
+    module.add_arguments(sub)
+    return int(module.run(sub.parse_args(argv[1:])) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
