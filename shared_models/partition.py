@@ -21,7 +21,10 @@ ALL_ROLES = frozenset(TensorRole)
 
 POLICY_LOCAL_ROLES: Mapping[str, frozenset[TensorRole]] = {
     "fedavg": frozenset(),
-    "fedbn": ALL_ROLES,  # every tensor of every norm layer stays local
+    # Every tensor of every norm layer stays local, except DualNorm's modulation convs: they are
+    # ordinary conv weights and methods.md §1.6 averages them by default (a "personalized"
+    # variant keeps them local via Policy.parse("fedbn", {"modulation": "local"})).
+    "fedbn": ALL_ROLES - {TensorRole.MODULATION},
     "silobn": frozenset({TensorRole.STATISTIC}),  # statistics local, affine shared
     "local": ALL_ROLES,  # nothing shared at all (see Policy.everything_local)
 }

@@ -5,6 +5,7 @@ and one import line below.
 """
 
 from . import batch, group, instance, layer  # noqa: F401  (registration side effects)
+from . import bin, dualnorm, iln, switchable  # noqa: F401  (registration side effects)
 from .registry import (
     NORM_TYPES,
     NORMS,

@@ -1,0 +1,163 @@
+"""The Flower ClientApp that runs at every site (and in every simulated site).
+
+One round at a site: build the model from the server's spec, load the global
+shared tensors (strict), load the site-local tensors from the durable store
+(first round: from the seeded initial model), train, write the local tensors
+atomically, reply with the shared tensors only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from shared_models import architecture_fingerprint, build_model, partition
+from shared_models.losses import segmentation_loss
+from shared_models.partition import Split
+from shared_models import records as R
+
+from .data import load_site
+from .exchange import load_local, load_shared, local_tensors, shared_record
+from .round_config import RoundConfig, SitePaths, resolve_site
+from .site_state import SiteStateError, SiteStateStore
+from .trainer import evaluate_dice, to_batch_tensors, train_local
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+log = logging.getLogger("fedsite.client")
+
+app = ClientApp()
+
+
+@dataclass
+class SiteTensors:
+    """A site's train and test tensors, stacked once."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+
+
+def _stack(cases) -> tuple[torch.Tensor, torch.Tensor]:
+    if not cases:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64)
+    return to_batch_tensors(np.stack([c.image for c in cases]), np.stack([c.label for c in cases]))
+
+
+def site_tensors(paths: SitePaths, cfg: RoundConfig) -> SiteTensors:
+    """Load the site's split (the pooled node: every site's train split, one shape)."""
+    num_classes = int(cfg.model_spec.get("out_channels", cfg.model_spec.get("out-channels", 0))) or None
+    opts = dict(test_fraction=cfg.test_fraction, split_seed=cfg.split_seed, num_classes=num_classes, intensity=cfg.intensity)
+    if not paths.pooled_sites:
+        data = load_site(paths.data_dir, **opts)
+        return SiteTensors(*_stack(data.train), *_stack(data.test), data.num_classes)
+    per_site = [load_site(paths.data_dir / s, **opts) for s in paths.pooled_sites]
+    shape = tuple(int(max(d.spatial_shape[i] for d in per_site)) for i in range(len(per_site[0].spatial_shape)))
+    per_site = [load_site(paths.data_dir / s, spatial_shape=shape, **opts) for s in paths.pooled_sites]
+    train = [c for d in per_site for c in d.train]
+    return SiteTensors(*_stack(train), *_stack([]), per_site[0].num_classes)
+
+
+@dataclass
+class SiteModel:
+    """The model of this round with its split, store and fingerprint."""
+
+    model: torch.nn.Module
+    split: Split
+    store: SiteStateStore
+    fingerprint: str
+
+
+def prepare_model(message: Message, context: Context) -> tuple[RoundConfig, SitePaths, SiteModel]:
+    """Build the round's model and put the global shared + stored local tensors in it."""
+    cfg = RoundConfig.from_record(message.content[R.CONFIG])
+    paths = resolve_site(context.node_config, cfg)
+    model = build_model(cfg.model_spec, seed=cfg.train.seed)
+    fingerprint = architecture_fingerprint(model)
+    if fingerprint != cfg.fingerprint:
+        raise ValueError(
+            f"site {paths.site}: model fingerprint {fingerprint} differs from the server's {cfg.fingerprint} "
+            "(different fedsite version or model code at this site)"
+        )
+    split = partition(model, cfg.policy)
+    load_shared(model, message.content[R.ARRAYS], split, paths.site)
+    store = SiteStateStore(paths.state_dir, cfg.run_name, paths.site)
+    if split.local and store.exists():
+        tensors, _ = store.load(fingerprint=fingerprint, policy=cfg.policy.name, expected_keys=set(split.local))
+        load_local(model, tensors)
+    return cfg, paths, SiteModel(model, split, store, fingerprint)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Local training round; replies with shared tensors and training metrics."""
+    cfg, paths, sm = prepare_model(message, context)
+    data = site_tensors(paths, cfg)
+    if len(data.train_x) == 0:
+        raise ValueError(f"site {paths.site}: no training cases")
+    torch.set_num_threads(max(1, int(os.environ.get("FEDSITE_THREADS", "1"))))
+    global_shared = {k: v.clone() for k, v in sm.model.state_dict().items() if k in set(sm.split.shared)}
+    settings = dataclasses.replace(cfg.train, seed=cfg.train.seed * 100_003 + cfg.server_round)  # new shuffle each round
+    report = train_local(sm.model, data.train_x, data.train_y, settings, segmentation_loss(), global_shared)
+    if sm.split.local:
+        sm.store.save(local_tensors(sm.model, sm.split), fingerprint=sm.fingerprint, policy=cfg.policy.name, round_=cfg.server_round)
+    log.info("site %s round %d: loss %.4f, %d samples in %.1fs", paths.site, cfg.server_round, report.loss, report.samples, report.seconds)
+    metrics = MetricRecord(
+        {
+            R.NUM_EXAMPLES: len(data.train_x),
+            R.LOSS: report.loss,
+            R.TRAIN_SECONDS: report.seconds,
+            "samples-per-second": report.samples / max(report.seconds, 1e-9),
+        }
+    )
+    content = RecordDict(
+        {
+            R.ARRAYS: shared_record(sm.model, sm.split, paths.site),
+            R.METRICS: metrics,
+            R.CONFIG: ConfigRecord({R.SITE_ID: paths.site, R.FINGERPRINT: sm.fingerprint}),
+        }
+    )
+    return Message(content=content, reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Score the site's personalised model (global shared + own local) on its test split."""
+    cfg, paths, sm = prepare_model(message, context)
+    if sm.split.local and not sm.store.exists():
+        raise SiteStateError(
+            f"site {paths.site}: no site-local state for run {cfg.run_name!r} under policy {cfg.policy.name}; "
+            "this site never trained in this federation -- build its normalization with an adaptation step first"
+        )
+    data = site_tensors(paths, cfg)
+    started = time.perf_counter()
+    result = evaluate_dice(sm.model, data.test_x, data.test_y, data.num_classes, cfg.train.device, cfg.train.batch_size)
+    metrics = MetricRecord(
+        {
+            R.NUM_EXAMPLES: result.n,
+            R.DICE: result.dice,
+            "dice-per-class": list(result.per_class),
+            "eval-seconds": time.perf_counter() - started,
+        }
+    )
+    content = RecordDict({R.METRICS: metrics, R.CONFIG: ConfigRecord({R.SITE_ID: paths.site})})
+    return Message(content=content, reply_to=message)
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    """Who is this node? (site id and dataset sizes; never any tensor)."""
+    cfg = RoundConfig.from_record(message.content[R.CONFIG])
+    paths = resolve_site(context.node_config, cfg)
+    data = site_tensors(paths, cfg)
+    info = ConfigRecord({R.SITE_ID: paths.site, R.N_TRAIN: len(data.train_x), R.N_TEST: len(data.test_x)})
+    return Message(content=RecordDict({R.CONFIG: info}), reply_to=message)

@@ -1,0 +1,88 @@
+"""Durable store of a site's local tensors (its normalization), one file per run.
+
+Flower's ``Context.state`` lives in the SuperNode's memory and is lost when the
+daemon restarts; a site's BatchNorm statistics are the whole point of FedBN, so
+they live on disk instead. Each write goes to a temporary file in the same
+folder, is fsync'ed, then atomically renamed over the old file: a crash leaves
+either the old or the new state, never a torn one. The file records the run name,
+the architecture fingerprint, the policy and a SHA-256 over the tensors; a load
+that does not match any of them is refused with a message naming the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from shared_models.durable import atomic_torch_save, tensors_checksum
+
+FORMAT_VERSION = 1
+STATE_FILE = "local_state.pt"
+
+
+class SiteStateError(RuntimeError):
+    """The stored site state is corrupt or belongs to another run/architecture."""
+
+
+class SiteStateStore:
+    """The local tensors of one site for one run (``<state_dir>/<run>/local_state.pt``)."""
+
+    def __init__(self, state_dir: str | Path, run_name: str, site: str):
+        if not run_name or "/" in run_name or run_name.startswith("."):
+            raise SiteStateError(f"invalid run name {run_name!r}: use a plain folder name")
+        self.site = site
+        self.run_name = run_name
+        self.path = Path(state_dir) / run_name / STATE_FILE
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def save(self, tensors: Mapping[str, torch.Tensor], *, fingerprint: str, policy: str, round_: int) -> str:
+        """Atomically write ``tensors``; returns their checksum."""
+        cpu = {k: v.detach().cpu().clone() for k, v in tensors.items()}
+        checksum = tensors_checksum(cpu)
+        atomic_torch_save(
+            {
+                "format": FORMAT_VERSION,
+                "site": self.site,
+                "run": self.run_name,
+                "fingerprint": fingerprint,
+                "policy": policy,
+                "round": round_,
+                "checksum": checksum,
+                "tensors": cpu,
+            },
+            self.path,
+        )
+        return checksum
+
+    def load(self, *, fingerprint: str, policy: str, expected_keys: set[str]) -> tuple[dict[str, torch.Tensor], int]:
+        """Tensors and the round they were written in; refuses any mismatch."""
+        try:
+            blob = torch.load(self.path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # torch raises several types for truncated/corrupt files
+            raise SiteStateError(f"{self.path}: unreadable site state ({exc.__class__.__name__}: {exc})") from exc
+        if not isinstance(blob, dict) or blob.get("format") != FORMAT_VERSION:
+            raise SiteStateError(f"{self.path}: not a fedsite site-state file (format {blob.get('format') if isinstance(blob, dict) else '?'})")
+        if blob["run"] != self.run_name or blob["site"] != self.site:
+            raise SiteStateError(
+                f"{self.path}: written for run {blob['run']!r} at site {blob['site']!r}, not run {self.run_name!r} at site {self.site!r}"
+            )
+        if blob["fingerprint"] != fingerprint:
+            raise SiteStateError(
+                f"{self.path}: architecture fingerprint {blob['fingerprint']} does not match this model ({fingerprint}); "
+                "the model configuration changed since this site state was written. Use a new run name or move the file away."
+            )
+        if blob["policy"] != policy:
+            raise SiteStateError(f"{self.path}: written under policy {blob['policy']!r}, this run uses {policy!r}")
+        tensors = blob["tensors"]
+        if tensors_checksum(tensors) != blob["checksum"]:
+            raise SiteStateError(f"{self.path}: checksum mismatch, the site state is corrupt")
+        if set(tensors) != expected_keys:
+            missing, extra = sorted(expected_keys - set(tensors)), sorted(set(tensors) - expected_keys)
+            raise SiteStateError(f"{self.path}: local keys differ from the model's (missing {missing[:3]}, unexpected {extra[:3]})")
+        return tensors, int(blob["round"])

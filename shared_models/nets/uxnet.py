@@ -1,0 +1,385 @@
+"""UXNet-style searched multi-level feature aggregation (Ji et al., arXiv:2009.07501).
+
+Verified from the abstract only (methods.md §5.2): an encoder-decoder search space
+over (i) which scales feed each decoder node and (ii) block-wise operators, relaxed
+continuously and searched with a DARTS-style method. The concrete space here is
+our reconstruction (methods.md §5.3, **[UNVERIFIED]**); check against the paper:
+
+* candidate operators: see :mod:`.uxnet_ops` (list is a guess);
+* one searchable block per level (``blocks_per_level``) after a fixed
+  max-pool + conv-norm-ReLU downsampling; no residual around a mixed op;
+* decoder node at level l: ``h_l = sum_j softmax(beta_l)_j R_j(f_j)`` over *all*
+  encoder levels and every coarser decoder node, ``R`` = 1x1 conv + linear resize
+  (up) or adaptive average pooling (down), then the node's searchable block(s);
+* first-order DARTS (alpha/beta on a validation batch, weights on a training batch);
+* discretisation: arg-max operator per block, top-k inputs per node (``top_k``,
+  default 2) combined with the softmax weights renormalised over the kept inputs.
+  The paper may instead sum the kept inputs or relearn their weights; the weights
+  travel in the architecture dict, so set them to 1.0 for a plain sum.
+
+The same class builds the supernet (``fixed_arch=None``) and the discretised net
+(``fixed_arch=<dict from discretize/architecture_summary>``); module paths are
+identical, so supernet weights load into the discretised net by key.
+
+**Federated learning.** alpha (``...alpha``) and beta (``...beta``) are plain
+parameters outside any norm module, so :func:`shared_models.partition.partition`
+classifies them as ordinary weights: *shared* (averaged) under fedavg/fedbn/silobn
+and local only under ``local``. A federated search therefore converges to one
+architecture; :func:`architecture_summary` reports what each site or the
+federation found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.factories import Pool
+from torch import nn
+
+from ..norms import build_norm
+from .blocks import conv
+from .registry import register_model
+from .uxnet_ops import DEFAULT_OPS, build_op
+
+__all__ = [
+    "UXNet",
+    "UXNetConfig",
+    "arch_parameters",
+    "architecture_summary",
+    "derive_architecture",
+    "discretize",
+    "search_step",
+    "weight_parameters",
+]
+
+
+@dataclass(frozen=True)
+class UXNetConfig:
+    """Hyper-parameters of :class:`UXNet` (YAML keys in kebab-case).
+
+    ``ops`` None means the default candidates for ``spatial_dims``; ``fixed_arch``
+    None builds the supernet, a dict builds the discretised network.
+    """
+
+    spatial_dims: int = 2
+    in_channels: int = 1
+    out_channels: int = 2
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    norm: str = "batch"
+    norm_options: dict[str, Any] = field(default_factory=dict)
+    ops: tuple[str, ...] | None = None
+    blocks_per_level: int = 1
+    top_k: int = 2
+    fixed_arch: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial-dims must be 2 or 3, got {self.spatial_dims}")
+        if len(self.channels) < 2 or any(c <= 0 for c in self.channels):
+            raise ValueError(f"channels must list >= 2 positive widths, got {list(self.channels)}")
+        if self.in_channels <= 0 or self.out_channels < 2:
+            raise ValueError("in-channels must be > 0 and out-channels >= 2 (background + classes)")
+        if self.blocks_per_level < 1 or self.top_k < 1:
+            raise ValueError("blocks-per-level and top-k must be >= 1")
+        if self.ops is not None and len(self.ops) < 1:
+            raise ValueError("ops must list at least one operator")
+        if self.fixed_arch is not None:
+            _check_arch(self.fixed_arch, self)
+
+    @property
+    def candidate_ops(self) -> tuple[str, ...]:
+        return tuple(self.ops) if self.ops is not None else DEFAULT_OPS[self.spatial_dims]
+
+
+class SearchBlock(nn.Module):
+    """Mixed operator ``sum_o softmax(alpha)_o * o(x)``; a single operator once discretised."""
+
+    def __init__(self, names: Sequence[str], spatial_dims: int, channels: int, norm: str, norm_options: dict[str, Any], searchable: bool):
+        super().__init__()
+        self.ops = nn.ModuleDict({n: build_op(n, spatial_dims, channels, norm, norm_options) for n in names})
+        self.alpha = nn.Parameter(torch.zeros(len(names))) if searchable else None
+
+    def op_weights(self) -> torch.Tensor:
+        if self.alpha is None:
+            return torch.ones(len(self.ops))
+        return torch.softmax(self.alpha, dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.alpha is None:
+            return sum(op(x) for op in self.ops.values())  # exactly one op once discretised
+        weights = self.op_weights()
+        return sum(w * op(x) for w, op in zip(weights, self.ops.values()))
+
+
+class Resample(nn.Module):
+    """R_{j->l}: 1x1 conv to the node width and resize to the node's size (cheaper side first)."""
+
+    def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, source_level: int, target_level: int):
+        super().__init__()
+        self.proj = conv(spatial_dims, in_ch, out_ch, kernel=1)
+        self.direction = (source_level > target_level) - (source_level < target_level)
+        self.mode = "bilinear" if spatial_dims == 2 else "trilinear"
+        self.pool = F.adaptive_avg_pool2d if spatial_dims == 2 else F.adaptive_avg_pool3d
+
+    def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        if self.direction > 0:
+            return F.interpolate(self.proj(x), size=tuple(size), mode=self.mode, align_corners=False)
+        if self.direction < 0:
+            return self.proj(self.pool(x, tuple(size)))
+        return self.proj(x)
+
+
+class EncoderLevel(nn.Module):
+    """Fixed downsampling (levels >= 1) followed by searchable blocks."""
+
+    def __init__(self, cfg: UXNetConfig, level: int, block_ops: Sequence[Sequence[str]], searchable: bool):
+        super().__init__()
+        dims, widths = cfg.spatial_dims, cfg.channels
+        self.down: nn.Module
+        if level == 0:
+            self.down = nn.Identity()
+        else:
+            self.down = nn.Sequential(
+                Pool[Pool.MAX, dims](kernel_size=2),
+                conv(dims, widths[level - 1], widths[level], bias=False),
+                build_norm(cfg.norm, widths[level], dims, **cfg.norm_options),
+                nn.ReLU(),
+            )
+        self.blocks = nn.Sequential(
+            *(SearchBlock(names, dims, widths[level], cfg.norm, cfg.norm_options, searchable) for names in block_ops)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.down(x))
+
+
+class DecoderNode(nn.Module):
+    """Aggregate resampled features of several scales (softmax(beta) weights), then searchable blocks."""
+
+    def __init__(
+        self,
+        cfg: UXNetConfig,
+        level: int,
+        sources: Mapping[str, float],
+        block_ops: Sequence[Sequence[str]],
+        searchable: bool,
+    ):
+        super().__init__()
+        dims, widths = cfg.spatial_dims, cfg.channels
+        self.level = level
+        self.inputs = nn.ModuleDict(
+            {s: Resample(dims, widths[_source_level(s)], widths[level], _source_level(s), level) for s in sources}
+        )
+        self.beta = nn.Parameter(torch.zeros(len(sources))) if searchable else None
+        self.register_buffer("fixed_weights", torch.tensor(list(sources.values()), dtype=torch.float32), persistent=False)
+        self.blocks = nn.Sequential(
+            *(SearchBlock(names, dims, widths[level], cfg.norm, cfg.norm_options, searchable) for names in block_ops)
+        )
+
+    def input_weights(self) -> torch.Tensor:
+        return torch.softmax(self.beta, dim=0) if self.beta is not None else self.fixed_weights
+
+    def forward(self, features: Mapping[str, torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+        weights = self.input_weights()
+        h = sum(w * r(features[s], size) for w, (s, r) in zip(weights, self.inputs.items()))
+        return self.blocks(h)
+
+
+def _source_level(source: str) -> int:
+    return int(source[1:])
+
+
+def candidate_sources(levels: int, level: int) -> list[str]:
+    """Inputs a decoder node at ``level`` may use: every encoder level, every coarser decoder node.
+
+    The U-Net pair (same-level encoder, next coarser feature) comes first, so that
+    ties (e.g. an untrained supernet) discretise to a plain U-Net.
+    """
+    coarser = f"d{level + 1}" if level + 1 <= levels - 2 else f"e{levels - 1}"
+    every = [f"e{j}" for j in range(levels)] + [f"d{j}" for j in range(levels - 2, level, -1)]
+    return [f"e{level}", coarser, *(s for s in every if s not in (f"e{level}", coarser))]
+
+
+class UXNet(nn.Module):
+    """Searchable (or discretised) U-shaped network with all-scale decoder aggregation."""
+
+    def __init__(self, cfg: UXNetConfig):
+        super().__init__()
+        self.config = cfg
+        dims, widths, levels = cfg.spatial_dims, cfg.channels, len(cfg.channels)
+        arch = cfg.fixed_arch
+        searchable = arch is None
+        ops = cfg.candidate_ops
+
+        def block_ops(prefix: str) -> list[list[str]]:
+            if arch is None:
+                return [list(ops)] * cfg.blocks_per_level
+            return [[arch["ops"][f"{prefix}.blocks.{b}"]] for b in range(cfg.blocks_per_level)]
+
+        self.stem = conv(dims, cfg.in_channels, widths[0])
+        self.encoder = nn.ModuleList(EncoderLevel(cfg, lv, block_ops(f"encoder.{lv}"), searchable) for lv in range(levels))
+        nodes = []
+        for i, lv in enumerate(range(levels - 2, -1, -1)):
+            name = f"decoder.{i}"
+            sources = {s: 1.0 for s in candidate_sources(levels, lv)} if arch is None else dict(arch["inputs"][name])
+            nodes.append(DecoderNode(cfg, lv, sources, block_ops(name), searchable))
+        self.decoder = nn.ModuleList(nodes)
+        self.head = conv(dims, widths[0], cfg.out_channels, kernel=1)
+
+    @property
+    def is_supernet(self) -> bool:
+        return self.config.fixed_arch is None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features: dict[str, torch.Tensor] = {}
+        h = self.stem(x)
+        for lv, level in enumerate(self.encoder):
+            h = level(h)
+            features[f"e{lv}"] = h
+        for node in self.decoder:
+            h = node(features, features[f"e{node.level}"].shape[2:])
+            features[f"d{node.level}"] = h
+        return self.head(h)
+
+    def selfreg_features(self) -> tuple[list[nn.Module], list[nn.Module], nn.Module]:
+        """SelfReg taps: encoder levels 1.., decoder nodes but the last, the last node (teacher)."""
+        return list(self.encoder[1:]), list(self.decoder[:-1]), self.decoder[-1]
+
+
+def _check_arch(arch: Mapping[str, Any], cfg: UXNetConfig) -> None:
+    """Fail early, naming the key, if a saved architecture does not fit ``cfg``."""
+    if not isinstance(arch, Mapping) or set(arch) - {"ops", "inputs"} or not {"ops", "inputs"} <= set(arch):
+        raise ValueError("fixed-arch must be a mapping with exactly the keys 'ops' and 'inputs'")
+    levels = len(cfg.channels)
+    blocks = [f"encoder.{lv}.blocks.{b}" for lv in range(levels) for b in range(cfg.blocks_per_level)]
+    blocks += [f"decoder.{i}.blocks.{b}" for i in range(levels - 1) for b in range(cfg.blocks_per_level)]
+    if set(arch["ops"]) != set(blocks):
+        raise ValueError(f"fixed-arch.ops: expected blocks {blocks}, got {sorted(arch['ops'])}")
+    for name, op in arch["ops"].items():
+        if op not in cfg.candidate_ops:
+            raise ValueError(f"fixed-arch.ops.{name}: {op!r} is not a candidate ({', '.join(cfg.candidate_ops)})")
+    nodes = [f"decoder.{i}" for i in range(levels - 1)]
+    if set(arch["inputs"]) != set(nodes):
+        raise ValueError(f"fixed-arch.inputs: expected nodes {nodes}, got {sorted(arch['inputs'])}")
+    for i, name in enumerate(nodes):
+        allowed = candidate_sources(levels, levels - 2 - i)
+        chosen = arch["inputs"][name]
+        if not isinstance(chosen, Mapping) or not chosen or set(chosen) - set(allowed):
+            raise ValueError(f"fixed-arch.inputs.{name}: expected a non-empty mapping over {allowed}, got {chosen!r}")
+
+
+# ----------------------------------------------------------------- search helpers
+def _search_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (SearchBlock, DecoderNode))]
+
+
+def arch_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """alpha of every mixed op and beta of every decoder node (empty once discretised)."""
+    params = []
+    for _, m in _search_modules(model):
+        p = m.alpha if isinstance(m, SearchBlock) else m.beta
+        if p is not None:
+            params.append(p)
+    return params
+
+
+def weight_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter that is not an architecture parameter."""
+    arch = {id(p) for p in arch_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in arch]
+
+
+def _set_grads(loss: torch.Tensor, params: Sequence[nn.Parameter]) -> None:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for p, g in zip(params, grads):
+        p.grad = g
+
+
+def search_step(
+    model: nn.Module,
+    train_batch: tuple[torch.Tensor, torch.Tensor],
+    val_batch: tuple[torch.Tensor, torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    w_opt: torch.optim.Optimizer,
+    a_opt: torch.optim.Optimizer,
+) -> dict[str, float]:
+    """One first-order DARTS step: alpha/beta on ``val_batch``, then weights on ``train_batch``.
+
+    Each half computes gradients for its own parameter group only, so neither
+    optimizer ever sees the other's gradients. Returns both losses.
+    """
+    a_params, w_params = arch_parameters(model), weight_parameters(model)
+    a_opt.zero_grad(set_to_none=True)
+    val_loss = loss_fn(model(val_batch[0]), val_batch[1])
+    _set_grads(val_loss, a_params)
+    a_opt.step()
+    w_opt.zero_grad(set_to_none=True)
+    train_loss = loss_fn(model(train_batch[0]), train_batch[1])
+    _set_grads(train_loss, w_params)
+    w_opt.step()
+    w_opt.zero_grad(set_to_none=True)
+    a_opt.zero_grad(set_to_none=True)
+    return {"val_loss": float(val_loss.detach()), "train_loss": float(train_loss.detach())}
+
+
+# ----------------------------------------------------------------- discretisation
+def _ranked(weights: torch.Tensor) -> list[int]:
+    """Indices by decreasing weight; ties keep declaration order."""
+    values = weights.tolist()
+    return sorted(range(len(values)), key=lambda i: -values[i])
+
+
+def derive_architecture(model: UXNet, top_k: int | None = None) -> dict[str, Any]:
+    """The ``fixed_arch`` dict: arg-max op per block, top-k inputs per node with renormalised weights."""
+    k = model.config.top_k if top_k is None else top_k
+    root = {id(m): n for n, m in model.named_modules()}
+    ops: dict[str, str] = {}
+    inputs: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for _, m in _search_modules(model):
+            name = root[id(m)]
+            if isinstance(m, SearchBlock):
+                names = list(m.ops)
+                ops[name] = names[_ranked(m.op_weights())[0]]
+            else:
+                sources, weights = list(m.inputs), m.input_weights()
+                keep = _ranked(weights)[:k]
+                total = float(sum(weights[i] for i in keep))
+                inputs[name] = {sources[i]: float(weights[i]) / total for i in keep}
+    return {"ops": ops, "inputs": inputs}
+
+
+def discretize(model: UXNet, top_k: int | None = None) -> UXNet:
+    """Fixed network of the chosen ops/inputs, carrying the supernet's weights for them."""
+    arch = derive_architecture(model, top_k)
+    fixed = UXNet(replace(model.config, fixed_arch=arch))
+    state = model.state_dict()
+    fixed.load_state_dict({k: state[k] for k in fixed.state_dict()}, strict=True)
+    return fixed.to(next(model.parameters()).device).train(model.training)
+
+
+def architecture_summary(model: UXNet) -> dict[str, Any]:
+    """JSON-able report: chosen op and op weights per block, top inputs and weights per node."""
+    arch = derive_architecture(model)
+    root = {id(m): n for n, m in model.named_modules()}
+    blocks: dict[str, Any] = {}
+    nodes: dict[str, Any] = {}
+    with torch.no_grad():
+        for _, m in _search_modules(model):
+            name = root[id(m)]
+            if isinstance(m, SearchBlock):
+                weights = dict(zip(m.ops, m.op_weights().tolist()))
+                blocks[name] = {"chosen": arch["ops"][name], "weights": weights}
+            else:
+                weights = dict(zip(m.inputs, m.input_weights().tolist()))
+                nodes[name] = {"level": m.level, "top": list(arch["inputs"][name]), "weights": weights}  # top: best first
+    return {"supernet": model.is_supernet, "blocks": blocks, "nodes": nodes, "arch": arch}
+
+
+@register_model("uxnet", UXNetConfig, "UXNet-style searchable all-scale aggregation supernet (fixed-arch: discretised)")
+def build_uxnet(cfg: UXNetConfig) -> nn.Module:
+    return UXNet(cfg)

@@ -1,0 +1,77 @@
+"""Run one federation (our ServerApp + ClientApp) on Flower's simulation engine.
+
+Flower's public ``run_simulation`` gives the ServerApp an empty run_config; the
+deployment path (``flwr run``) gives it the app's config. To run *the same*
+ServerApp unchanged, we start the engine through its internal entry point with
+a ServerApp context that carries the run_config, exactly as ``flwr run`` would.
+This is the one place that touches that internal API (pinned flwr 1.42.x).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # keep GPU visibility as configured
+
+from flwr.app import Context, RecordDict  # noqa: E402
+from flwr.simulation.run_simulation import _run_simulation  # noqa: E402
+from flwr.supercore.telemetry import EventType  # noqa: E402
+
+from client.app import app as client_app  # noqa: E402
+from server.app import RESULT_FILE  # noqa: E402
+from server.app import app as server_app  # noqa: E402
+
+
+def quiet_flower(verbose: bool) -> None:
+    """Flower logs every message at INFO; keep our own per-round progress only."""
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
+    fedsite = logging.getLogger("fedsite")
+    fedsite.setLevel(logging.INFO)
+    if not fedsite.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        fedsite.addHandler(handler)
+        fedsite.propagate = False
+
+
+def run_simulated_federation(
+    run_config: dict[str, Any], num_nodes: int, num_cpus: float = 1.0, num_gpus: float = 0.0, verbose: bool = False
+) -> dict[str, Any]:
+    """Run the ServerApp with ``run_config`` against ``num_nodes`` simulated sites.
+
+    Each virtual site gets ``num_cpus``/``num_gpus`` of the machine (Ray
+    resources); returns the federation result the ServerApp wrote.
+    """
+    quiet_flower(verbose)
+    os.environ["FEDSITE_THREADS"] = str(max(1, int(num_cpus)))
+    total_cpus = os.cpu_count() or 1
+    backend_config = {
+        "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
+        "init_args": {"num_cpus": total_cpus, "num_gpus": _gpu_count() if num_gpus > 0 else 0, "include_dashboard": False},
+    }
+    out_file = Path(run_config["out-dir"]) / RESULT_FILE
+    out_file.unlink(missing_ok=True)
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
+    _run_simulation(
+        num_supernodes=num_nodes,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app=client_app,
+        server_app=server_app,
+        backend_config=backend_config,
+        server_app_context=context,
+        verbose_logging=verbose,
+    )
+    if not out_file.exists():
+        raise RuntimeError(f"the federation did not finish (no {out_file}); see the log above")
+    return json.loads(out_file.read_text())
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()

@@ -1,0 +1,100 @@
+"""Experiment configuration: YAML -> typed object; command-line flags override it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from shared_models.config import ConfigError, from_dict, load_yaml
+
+from .methods import METHODS
+
+DEFAULT_CONFIG = "default.yaml"
+
+
+@dataclass(frozen=True)
+class SyntheticData:
+    """The built-in domain-shift generator (simulations/domain_shift.py)."""
+
+    cases_per_site: int = 40
+    spatial_dims: int = 2
+    size: tuple[int, ...] = (48, 48)
+    num_classes: int = 4
+    seed: int = 0
+    sites: int = 4
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Either a folder per site on disk (``dir``) or the synthetic generator."""
+
+    dir: str | None = None
+    sites: tuple[str, ...] = ()  # empty = every site folder found in ``dir``
+    synthetic: SyntheticData = field(default_factory=SyntheticData)
+    intensity: str = "zscore"
+    test_fraction: float = 0.25
+    split_seed: int = 0
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Share of the machine each simulated site gets (Ray resources)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Methods x seeds on one dataset and one model."""
+
+    name: str = "domain-shift"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "unet", "channels": [8, 16, 32], "norm": "batch"})
+    methods: tuple[str, ...] = ("local", "fedavg", "fedbn", "silobn", "pooled")
+    seeds: tuple[int, ...] = (0, 1)
+    rounds: int = 10
+    local_epochs: int = 1
+    lr: float = 3e-3
+    batch_size: int = 8
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    client_resources: Resources = field(default_factory=Resources)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"methods: unknown method(s) {unknown} (known: {', '.join(METHODS)})")
+        if not self.methods or not self.seeds:
+            raise ConfigError("methods and seeds must not be empty")
+        if self.rounds < 1 or self.local_epochs < 1:
+            raise ConfigError("rounds and local-epochs must be >= 1")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+def load_experiment(path: str | Path | None) -> ExperimentConfig:
+    """The YAML at ``path``, or the embedded default experiment."""
+    if path is None:
+        text = resources.files("simulations.configs").joinpath(DEFAULT_CONFIG).read_text()
+        import yaml
+
+        return from_dict(ExperimentConfig, yaml.safe_load(text))
+    try:
+        return from_dict(ExperimentConfig, load_yaml(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def with_overrides(cfg: ExperimentConfig, **flags: Any) -> ExperimentConfig:
+    """Apply command-line flags that were given (``None`` = not given)."""
+    changes = {k: v for k, v in flags.items() if v is not None and k != "data_dir"}
+    if flags.get("data_dir") is not None:
+        changes["data"] = replace(cfg.data, dir=str(flags["data_dir"]), sites=())
+    try:
+        return replace(cfg, **changes)
+    except ConfigError:
+        raise

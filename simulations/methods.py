@@ -1,0 +1,39 @@
+"""Federated methods of the experiments: a name -> (policy, strategy, options).
+
+Methods are named as in the FL papers; ``pooled`` is the centralised upper
+reference (one node trains on every site's training split, every site is scored
+with that single model) and ``local`` the no-collaboration baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one experiment arm federates."""
+
+    policy: str
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.0
+    pooled: bool = False
+    policy_overrides: dict[str, str] = field(default_factory=dict)
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+METHODS: dict[str, Method] = {
+    "local": Method("local", description="each site trains alone; nothing is shared"),
+    "fedavg": Method("fedavg", description="every tensor averaged, norm statistics included"),
+    "fedprox": Method("fedavg", "fedprox", proximal_mu=0.01, strategy_options={"proximal_mu": 0.01}, description="FedAvg + proximal term"),
+    "fedadam": Method("fedavg", "fedadam", description="server-side Adam on the averaged update"),
+    "fedbn": Method("fedbn", description="every norm-layer tensor stays at its site"),
+    "silobn": Method("silobn", description="norm statistics stay at the site, affine shared"),
+    "pooled": Method("fedavg", pooled=True, description="centralised training on all sites' data"),
+}
+
+
+def method_names() -> list[str]:
+    return list(METHODS)

@@ -1,0 +1,179 @@
+"""UXNet-style relaxation (methods.md §5.4), discretisation, search step, FL split."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shared_models import build_model, partition
+from shared_models.config import ConfigError
+from shared_models.nets.uxnet import (
+    DecoderNode,
+    SearchBlock,
+    arch_parameters,
+    architecture_summary,
+    derive_architecture,
+    discretize,
+    search_step,
+    weight_parameters,
+)
+
+SMALL = {"name": "uxnet", "channels": [8, 16, 32]}
+HOT = 1e4  # softmax of this logit gap is exactly one-hot in float32
+
+
+def _one_hot(model, generator: torch.Generator) -> None:
+    """Random one-hot alpha per block and beta per node (large logits)."""
+    with torch.no_grad():
+        for p in arch_parameters(model):
+            p.zero_()
+            p[torch.randint(len(p), (1,), generator=generator)] = HOT
+
+
+def test_one_hot_alpha_reduces_a_mixed_op_to_that_operator_exactly():
+    block = SearchBlock(["conv3", "dil_conv3", "sep_conv3", "identity"], 2, 8, "batch", {}, searchable=True).eval()
+    x = torch.randn(2, 8, 12, 12)
+    for k, op in enumerate(block.ops.values()):
+        with torch.no_grad():
+            block.alpha.zero_()
+            block.alpha[k] = HOT
+        assert torch.equal(block(x), op(x))
+
+
+def test_softmax_weights_sum_to_one_and_gradients_reach_alpha_and_beta():
+    model = build_model(SMALL, seed=0)
+    with torch.no_grad():
+        for p in arch_parameters(model):
+            p.normal_()
+    for m in model.modules():
+        if isinstance(m, SearchBlock):
+            assert torch.allclose(m.op_weights().sum(), torch.tensor(1.0))
+        if isinstance(m, DecoderNode):
+            assert torch.allclose(m.input_weights().sum(), torch.tensor(1.0))
+    model(torch.randn(2, 1, 16, 16)).square().mean().backward()
+    params = arch_parameters(model)
+    assert len(params) == 3 + 2 + 2  # 3 encoder blocks, 2 decoder blocks, 2 nodes
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+@pytest.mark.parametrize("norm,train", [("batch", False), ("group", True)])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_discretisation_preserves_the_output_with_one_hot_weights(norm, train, top_k):
+    model = build_model({**SMALL, "norm": norm, "top_k": top_k}, seed=0).train(train)
+    _one_hot(model, torch.Generator().manual_seed(3))
+    fixed = discretize(model)
+    x = torch.randn(2, 1, 19, 17)
+    assert not arch_parameters(fixed)
+    assert torch.equal(model(x), fixed(x))
+
+
+def test_discretisation_follows_argmax_and_top_k():
+    model = build_model({**SMALL, "top_k": 2}, seed=0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SearchBlock):
+                m.alpha.copy_(torch.tensor([0.0, 0.0, 2.0, 1.0]))  # sep_conv3 wins
+            if isinstance(m, DecoderNode):
+                m.beta.copy_(torch.arange(len(m.beta), dtype=torch.float32))  # last two sources win
+    arch = derive_architecture(model)
+    assert set(arch["ops"].values()) == {"sep_conv3"}
+    for name, node in ((n, m) for n, m in model.named_modules() if isinstance(m, DecoderNode)):
+        sources = list(node.inputs)
+        assert list(arch["inputs"][name]) == [sources[-1], sources[-2]]
+        assert sum(arch["inputs"][name].values()) == pytest.approx(1.0)
+
+
+def test_fixed_arch_config_rebuilds_the_discretised_net():
+    model = build_model(SMALL, seed=0)
+    _one_hot(model, torch.Generator().manual_seed(1))
+    fixed = discretize(model)
+    arch = json.loads(json.dumps(architecture_summary(model)["arch"]))  # YAML/JSON round trip
+    rebuilt = build_model({**SMALL, "fixed_arch": arch})
+    assert list(rebuilt.state_dict()) == list(fixed.state_dict())
+    rebuilt.load_state_dict(fixed.state_dict())
+    x = torch.randn(1, 1, 16, 16)
+    assert torch.equal(rebuilt.eval()(x), fixed.eval()(x))
+
+
+def test_bad_fixed_arch_names_the_block():
+    arch = derive_architecture(build_model(SMALL))
+    arch["ops"]["encoder.0.blocks.0"] = "conv7"
+    with pytest.raises(ConfigError, match="encoder.0.blocks.0"):
+        build_model({**SMALL, "fixed_arch": arch})
+
+
+def test_architecture_summary_reports_choices_and_weights():
+    model = build_model(SMALL, seed=0)
+    _one_hot(model, torch.Generator().manual_seed(2))
+    summary = json.loads(json.dumps(architecture_summary(model)))
+    assert summary["supernet"] is True
+    for name, block in summary["blocks"].items():
+        assert block["chosen"] == max(block["weights"], key=block["weights"].get)
+        assert summary["arch"]["ops"][name] == block["chosen"]
+    for node in summary["nodes"].values():
+        assert sum(node["weights"].values()) == pytest.approx(1.0)
+        assert len(node["top"]) == 2
+
+
+def test_search_step_updates_alpha_on_val_and_weights_on_train():
+    model = build_model(SMALL, seed=0)
+    w_opt = torch.optim.SGD(weight_parameters(model), lr=0.1)
+    a_opt = torch.optim.Adam(arch_parameters(model), lr=0.1)
+    batch = (torch.randn(2, 1, 16, 16), torch.randint(0, 2, (2, 16, 16)))
+    before_a = [p.detach().clone() for p in arch_parameters(model)]
+    before_w = [p.detach().clone() for p in weight_parameters(model)]
+    out = search_step(model, batch, batch, F.cross_entropy, w_opt, a_opt)
+    assert set(out) == {"train_loss", "val_loss"}
+    assert all(not torch.equal(b, p) for b, p in zip(before_a, arch_parameters(model)))
+    assert any(not torch.equal(b, p) for b, p in zip(before_w, weight_parameters(model)))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_arch_and_weight_parameters_partition_the_parameters():
+    model = build_model(SMALL)
+    ids = [id(p) for p in arch_parameters(model)] + [id(p) for p in weight_parameters(model)]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+
+
+def test_3d_supernet_runs_with_the_3d_candidates():
+    model = build_model({**SMALL, "spatial_dims": 3, "norm": "group"}, seed=0)
+    assert "p3d" in model.encoder[0].blocks[0].ops
+    assert model(torch.randn(1, 1, 8, 9, 10)).shape == (1, 2, 8, 9, 10)
+
+
+def test_selfreg_taps_are_declared():
+    model = build_model(SMALL)
+    encoders, decoders, teacher = model.selfreg_features()
+    assert encoders == list(model.encoder[1:])
+    assert decoders == list(model.decoder[:-1])
+    assert teacher is model.decoder[-1]
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+@pytest.mark.parametrize("policy", ["fedavg", "fedbn", "silobn", "local"])
+@pytest.mark.parametrize("supernet", [True, False])
+def test_partition_covers_every_key_once(norm, policy, supernet):
+    model = build_model({**SMALL, "norm": norm}, seed=0)
+    if not supernet:
+        model = discretize(model)
+    keys = list(model.state_dict())
+    split = partition(model, policy)
+    assert sorted(split.shared + split.local) == sorted(keys)
+    assert len(set(split.shared) | set(split.local)) == len(keys)
+    arch_keys = {k for k in keys if k.endswith((".alpha", ".beta"))}
+    assert bool(arch_keys) == supernet
+    # FL decision: alpha/beta are ordinary weights, aggregated unless the policy is "local"
+    assert arch_keys <= set(split.local if policy == "local" else split.shared)
+    if norm == "batch" and policy in ("fedbn", "silobn"):
+        assert split.local
+
+
+def test_discretize_does_not_touch_the_supernet():
+    model = build_model(SMALL, seed=0)
+    state = copy.deepcopy(model.state_dict())
+    discretize(model)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
