@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from shared_models import architecture_fingerprint, build_model, partition
-from shared_models.losses import segmentation_loss
+from shared_models.losses import make_loss
 from shared_models.partition import Split
 from shared_models import records as R
 
@@ -107,7 +107,8 @@ def train(message: Message, context: Context) -> Message:
     torch.set_num_threads(max(1, int(os.environ.get("FEDSITE_THREADS", "1"))))
     global_shared = {k: v.clone() for k, v in sm.model.state_dict().items() if k in set(sm.split.shared)}
     settings = dataclasses.replace(cfg.train, seed=cfg.train.seed * 100_003 + cfg.server_round)  # new shuffle each round
-    report = train_local(sm.model, data.train_x, data.train_y, settings, segmentation_loss(), global_shared)
+    loss_fn = make_loss(cfg.loss, sm.model, seed=settings.seed)
+    report = train_local(sm.model, data.train_x, data.train_y, settings, loss_fn, global_shared)
     if sm.split.local:
         sm.store.save(local_tensors(sm.model, sm.split), fingerprint=sm.fingerprint, policy=cfg.policy.name, round_=cfg.server_round)
     log.info("site %s round %d: loss %.4f, %d samples in %.1fs", paths.site, cfg.server_round, report.loss, report.samples, report.seconds)

@@ -37,6 +37,7 @@ class RoundConfig:
     model_spec: dict[str, Any]
     policy: Policy
     fingerprint: str
+    loss: str
     train: TrainSettings
     intensity: str
     test_fraction: float
@@ -71,6 +72,7 @@ class RoundConfig:
             model_spec=spec,
             policy=Policy.parse(get("policy", str), overrides),
             fingerprint=get("fingerprint", str),
+            loss=get("loss", str, "dicece"),
             train=TrainSettings(
                 epochs=get("local-epochs", int),
                 lr=get("lr", float),

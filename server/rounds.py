@@ -121,6 +121,7 @@ def run_federation(grid: Grid, cfg: ServerRunConfig) -> FederationResult:
     state = model.state_dict()
     global_arrays = ArrayRecord({k: state[k] for k in split.shared})
     base_config = cfg.client_config(fingerprint)
+    fingerprints = {json.dumps(cfg.model_spec, sort_keys=True): fingerprint}
 
     expected = cfg.min_nodes or (len(cfg.site_list) + (1 if cfg.pooled else 0)) or 1
     node_ids = wait_for_nodes(grid, expected, cfg.wait_seconds)
@@ -147,7 +148,9 @@ def run_federation(grid: Grid, cfg: ServerRunConfig) -> FederationResult:
             log.info("resuming after the round-%d checkpoint", ckpt.round)
 
     for rnd in range(first_round, cfg.num_rounds + 1):
-        config = ConfigRecord({**base_config, R.SERVER_ROUND: rnd, "proximal-mu": cfg.proximal_mu})
+        spec = cfg.model_spec_at(rnd)
+        config = ConfigRecord({**base_config, R.SERVER_ROUND: rnd, "proximal-mu": cfg.proximal_mu,
+                               "model": json.dumps(spec), R.FINGERPRINT: scheduled_fingerprint(spec, split, policy, fingerprints)})
         messages = list(strategy.configure_train(rnd, global_arrays, config, TargetedGrid(grid, train_nodes)))
         result.bytes_sent += global_arrays.count_bytes() * len(messages)
         replies = _log_failures(list(grid.send_and_receive(messages, timeout=cfg.round_timeout)), sites, "train", rnd)
@@ -180,6 +183,18 @@ def run_federation(grid: Grid, cfg: ServerRunConfig) -> FederationResult:
         result.per_site = {s: {"dice": d} for s, d in result.history[-1]["dice"].items()}
     result.wall_s = time.perf_counter() - started
     return result
+
+
+def scheduled_fingerprint(spec: dict[str, Any], split: Any, policy: Policy, cache: dict[str, str]) -> str:
+    """Fingerprint of a scheduled spec; its shared/local keys must not change."""
+    key = json.dumps(spec, sort_keys=True)
+    if key not in cache:
+        model = build_model(spec)
+        new_split = partition(model, policy)
+        if (new_split.shared, new_split.local) != (split.shared, split.local):
+            raise FederationError(f"model schedule changes the model's tensors ({spec}); only behaviour may change between rounds")
+        cache[key] = architecture_fingerprint(model)
+    return cache[key]
 
 
 def evaluate_sites(

@@ -23,6 +23,8 @@ class ServerRunConfig:
     lr: float = 3e-3
     batch_size: int = 8
     seed: int = 0
+    loss: str = "dicece"
+    model_schedule: str = "{}"  # JSON {round: {spec changes from that round on}}
     policy: str = "fedbn"
     policy_overrides: str = "{}"
     strategy: str = "fedavg"
@@ -51,7 +53,7 @@ class ServerRunConfig:
                 raise ConfigError(f"{key.replace('_', '-')}: must be >= 1, got {getattr(self, key)}")
         if self.lr <= 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
-        for key in ("model", "policy_overrides", "strategy_options"):
+        for key in ("model", "model_schedule", "policy_overrides", "strategy_options"):
             try:
                 value = json.loads(getattr(self, key))
             except json.JSONDecodeError as exc:
@@ -67,6 +69,15 @@ class ServerRunConfig:
     def model_spec(self) -> dict[str, Any]:
         return json.loads(self.model)
 
+    def model_spec_at(self, server_round: int) -> dict[str, Any]:
+        """The model spec in force at ``server_round`` (base spec + schedule up to it)."""
+        spec = self.model_spec
+        schedule = json.loads(self.model_schedule)
+        for start in sorted(schedule, key=int):
+            if int(start) <= server_round:
+                spec.update(schedule[start])
+        return spec
+
     @property
     def site_list(self) -> list[str]:
         return [s for s in self.sites.split(",") if s]
@@ -77,6 +88,7 @@ class ServerRunConfig:
             "run-name": self.run_name,
             "model": self.model,
             "fingerprint": fingerprint,
+            "loss": self.loss,
             "policy": self.policy,
             "policy-overrides": self.policy_overrides,
             "local-epochs": self.local_epochs,

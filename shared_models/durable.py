@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -26,13 +27,13 @@ def tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """``torch.save`` to ``path`` via temp file + fsync + rename (+ dir fsync)."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(fh)`` on a temp file next to ``path``, fsync, rename, fsync the dir."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -46,16 +47,11 @@ def atomic_torch_save(obj: object, path: Path) -> None:
         os.close(dir_fd)
 
 
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """``torch.save`` with the atomic protocol (site state, checkpoints)."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (same temp-fsync-rename protocol)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a UTF-8 text file with the atomic protocol (results, reports)."""
+    atomic_write(path, lambda fh: fh.write(text.encode()))

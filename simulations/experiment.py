@@ -9,6 +9,8 @@ from typing import Any
 
 from shared_models.config import ConfigError, from_dict, load_yaml
 
+from shared_models.losses import LOSSES
+
 from .methods import METHODS
 
 DEFAULT_CONFIG = "default.yaml"
@@ -47,18 +49,47 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class Arm:
+    """One compared configuration: a federated method plus model/policy variations.
+
+    ``model`` is merged into the experiment's model spec (e.g. ``{norm: iln}``);
+    ``model_schedule`` changes the spec from a given round on (e.g. DualNorm-UNet's
+    ``{11: {stage: dual}}`` for the two-stage recipe).
+    """
+
+    method: str
+    name: str = ""
+    model: dict[str, Any] = field(default_factory=dict)
+    policy_overrides: dict[str, str] = field(default_factory=dict)
+    model_schedule: dict[int, dict[str, Any]] = field(default_factory=dict)
+    loss: str | None = None  # None = the experiment's loss
+
+    def __post_init__(self) -> None:
+        if self.loss is not None and self.loss not in LOSSES:
+            raise ConfigError(f"loss: unknown loss {self.loss!r} (known: {', '.join(LOSSES)})")
+        if self.method not in METHODS:
+            raise ConfigError(f"method: unknown method {self.method!r} (known: {', '.join(METHODS)})")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.method
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
-    """Methods x seeds on one dataset and one model."""
+    """Arms (methods and their variants) x seeds on one dataset and one base model."""
 
     name: str = "domain-shift"
     data: DataConfig = field(default_factory=DataConfig)
     model: dict[str, Any] = field(default_factory=lambda: {"name": "unet", "channels": [8, 16, 32], "norm": "batch"})
     methods: tuple[str, ...] = ("local", "fedavg", "fedbn", "silobn", "pooled")
+    arms: tuple[Arm, ...] = ()  # explicit variants; compared after the plain ``methods``
     seeds: tuple[int, ...] = (0, 1)
     rounds: int = 10
     local_epochs: int = 1
     lr: float = 3e-3
     batch_size: int = 8
+    loss: str = "dicece"
     device: str = "auto"
     amp: bool = True
     channels_last: bool = True
@@ -68,12 +99,23 @@ class ExperimentConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ConfigError(f"methods: unknown method(s) {unknown} (known: {', '.join(METHODS)})")
-        if not self.methods or not self.seeds:
-            raise ConfigError("methods and seeds must not be empty")
+        if not (self.methods or self.arms) or not self.seeds:
+            raise ConfigError("give at least one method or arm, and at least one seed")
+        labels = [a.label for a in self.all_arms]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ConfigError(f"arms: duplicate arm name(s) {dupes}; give each variant a distinct name")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss: unknown loss {self.loss!r} (known: {', '.join(LOSSES)})")
         if self.rounds < 1 or self.local_epochs < 1:
             raise ConfigError("rounds and local-epochs must be >= 1")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+    @property
+    def all_arms(self) -> tuple[Arm, ...]:
+        return tuple(Arm(method=m) for m in self.methods) + tuple(self.arms)
 
 
 def load_experiment(path: str | Path | None) -> ExperimentConfig:
@@ -91,9 +133,17 @@ def load_experiment(path: str | Path | None) -> ExperimentConfig:
 
 def with_overrides(cfg: ExperimentConfig, **flags: Any) -> ExperimentConfig:
     """Apply command-line flags that were given (``None`` = not given)."""
-    changes = {k: v for k, v in flags.items() if v is not None and k != "data_dir"}
+    changes = {k: v for k, v in flags.items() if v is not None and k not in ("data_dir", "norm", "model_name")}
     if flags.get("data_dir") is not None:
         changes["data"] = replace(cfg.data, dir=str(flags["data_dir"]), sites=())
+    if flags.get("methods") is not None:
+        changes["arms"] = ()  # --methods replaces the whole comparison
+    model = dict(cfg.model)
+    if flags.get("model_name") is not None:
+        model["name"] = flags["model_name"]
+    if flags.get("norm") is not None:
+        model["norm"] = flags["norm"]
+    changes["model"] = model
     try:
         return replace(cfg, **changes)
     except ConfigError:

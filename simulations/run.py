@@ -19,7 +19,7 @@ from typing import Any
 from shared_models.config import ConfigError
 from shared_models.durable import atomic_write_text
 
-from .experiment import ExperimentConfig, load_experiment, with_overrides
+from .experiment import Arm, ExperimentConfig, load_experiment, with_overrides
 from .methods import METHODS
 
 
@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="experiment YAML (default: the embedded domain-shift demo)")
     parser.add_argument("--data", type=Path, dest="data_dir", help="multi-site folder DIR/<site>/images|labels/*.nii.gz")
     parser.add_argument("--methods", type=_csv(str), help=f"comma-separated, from: {', '.join(METHODS)}")
+    parser.add_argument("--model", dest="model_name", help="registered model for every arm (see `fedsite models`)")
+    parser.add_argument("--norm", help="registered norm for every arm (batch, instance, group, layer, iln, bin, switchable)")
+    parser.add_argument("--loss", choices=("dicece", "selfreg"), help="training loss for every arm")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--local-epochs", type=int)
     parser.add_argument("--seeds", type=_csv(int), help="comma-separated integers")
@@ -64,6 +67,9 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
         cfg,
         data_dir=args.data_dir,
         methods=args.methods,
+        model_name=args.model_name,
+        norm=args.norm,
+        loss=args.loss,
         rounds=args.rounds,
         local_epochs=args.local_epochs,
         seeds=args.seeds,
@@ -102,12 +108,14 @@ def prepare_data(cfg: ExperimentConfig, out: Path) -> tuple[Path, list[str], int
     return root.resolve(), sites, num_classes, first.spatial_dims
 
 
-def run_config_for(cfg: ExperimentConfig, method: str, seed: int, root: Path, sites: list[str], model: dict[str, Any], cell_dir: Path) -> dict[str, Any]:
-    """The ServerApp run_config of one (method, seed) cell."""
-    m = METHODS[method]
+def run_config_for(cfg: ExperimentConfig, arm: Arm, seed: int, root: Path, sites: list[str], model: dict[str, Any], cell_dir: Path) -> dict[str, Any]:
+    """The ServerApp run_config of one (arm, seed) cell."""
+    m = METHODS[arm.method]
     return {
-        "model": json.dumps(model),
-        "run-name": f"{method}-seed{seed}",
+        "model": json.dumps({**model, **arm.model}),
+        "model-schedule": json.dumps({str(k): v for k, v in arm.model_schedule.items()}),
+        "run-name": f"{arm.label}-seed{seed}",
+        "loss": arm.loss or cfg.loss,
         "out-dir": str(cell_dir),
         "num-rounds": cfg.rounds,
         "local-epochs": cfg.local_epochs,
@@ -115,7 +123,7 @@ def run_config_for(cfg: ExperimentConfig, method: str, seed: int, root: Path, si
         "batch-size": cfg.batch_size,
         "seed": seed,
         "policy": m.policy,
-        "policy-overrides": json.dumps(m.policy_overrides),
+        "policy-overrides": json.dumps({**m.policy_overrides, **arm.policy_overrides}),
         "strategy": m.strategy,
         "strategy-options": json.dumps(m.strategy_options),
         "proximal-mu": m.proximal_mu,
@@ -150,16 +158,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"fedsite simulate: data error: {exc}", file=sys.stderr)
         return 2
     model = {**cfg.model, "spatial-dims": spatial_dims, "in-channels": 1, "out-channels": num_classes}
-    cells = [(m, s) for m in cfg.methods for s in cfg.seeds]
+    arms = cfg.all_arms
+    cells = [(a, s) for a in arms for s in cfg.seeds]
     print(f"fedsite simulate: {len(sites)} sites ({', '.join(sites)}), {num_classes} classes, {spatial_dims}D; "
-          f"{len(cfg.methods)} methods x {len(cfg.seeds)} seeds, {cfg.rounds} rounds of {cfg.local_epochs} local epoch(s)", flush=True)
+          f"{len(arms)} arms x {len(cfg.seeds)} seeds, {cfg.rounds} rounds of {cfg.local_epochs} local epoch(s)", flush=True)
     runs = []
     started = time.perf_counter()
-    for i, (method, seed) in enumerate(cells, 1):
+    for i, (arm, seed) in enumerate(cells, 1):
+        method = arm.label
         print(f"[{i}/{len(cells)}] {method} seed {seed} ...", flush=True)
         cell_dir = out / "runs" / f"{method}-seed{seed}"
-        run_config = run_config_for(cfg, method, seed, root, sites, model, cell_dir)
-        nodes = len(sites) + (1 if METHODS[method].pooled else 0)
+        run_config = run_config_for(cfg, arm, seed, root, sites, model, cell_dir)
+        nodes = len(sites) + (1 if METHODS[arm.method].pooled else 0)
         t0 = time.perf_counter()
         try:
             fed = run_simulated_federation(run_config, nodes, cfg.client_resources.num_cpus, cfg.client_resources.num_gpus, args.verbose)
@@ -169,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
         runs.append(
             {
                 "method": method,
+                "federated_method": arm.method,
+                "model": json.loads(run_config["model"]),
                 "seed": seed,
                 "rounds": fed["rounds"],
                 "per_site": {s: {"dice": v["dice"], "n_test": v.get("n_test", 0)} for s, v in fed["per_site"].items()},

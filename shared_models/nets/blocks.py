@@ -12,6 +12,16 @@ from torch import nn
 from ..norms import build_norm
 
 
+def check_unet_shape(spatial_dims: int, channels: tuple[int, ...], in_channels: int, out_channels: int) -> None:
+    """Validate the hyper-parameters every U-shaped net of the library shares."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial-dims must be 2 or 3, got {spatial_dims}")
+    if len(channels) < 2 or any(c <= 0 for c in channels):
+        raise ValueError(f"channels must list >= 2 positive widths, got {list(channels)}")
+    if in_channels <= 0 or out_channels < 2:
+        raise ValueError("in-channels must be > 0 and out-channels >= 2 (background + classes)")
+
+
 def conv(spatial_dims: int, in_ch: int, out_ch: int, kernel: int = 3, bias: bool = True) -> nn.Module:
     """Same-padding convolution in 2D or 3D (MONAI's dimension-generic factory)."""
     return Conv[Conv.CONV, spatial_dims](in_ch, out_ch, kernel_size=kernel, padding=kernel // 2, bias=bias)

@@ -43,7 +43,7 @@ from monai.networks.layers.factories import Conv
 from torch import nn
 
 from ..norms import build_norm
-from .blocks import conv
+from .blocks import check_unet_shape, conv
 from .registry import register_model
 
 __all__ = [
@@ -282,12 +282,7 @@ class SegNetrConfig:
     irsc_fusion: str = "add"
 
     def __post_init__(self) -> None:
-        if self.spatial_dims not in (2, 3):
-            raise ValueError(f"spatial-dims must be 2 or 3, got {self.spatial_dims}")
-        if len(self.channels) < 2 or any(c <= 0 for c in self.channels):
-            raise ValueError(f"channels must list >= 2 positive widths, got {list(self.channels)}")
-        if self.in_channels <= 0 or self.out_channels < 2:
-            raise ValueError("in-channels must be > 0 and out-channels >= 2 (background + classes)")
+        check_unet_shape(self.spatial_dims, self.channels, self.in_channels, self.out_channels)
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.blocks_per_stage < 1:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..norms import build_norm
-from .blocks import ResBlock, conv, match_size, max_pool, up_conv
+from .blocks import check_unet_shape, ResBlock, conv, match_size, max_pool, up_conv
 from .registry import register_model
 
 
@@ -32,12 +32,7 @@ class UNetConfig:
     norm_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.spatial_dims not in (2, 3):
-            raise ValueError(f"spatial-dims must be 2 or 3, got {self.spatial_dims}")
-        if len(self.channels) < 2 or any(c <= 0 for c in self.channels):
-            raise ValueError(f"channels must list >= 2 positive widths, got {list(self.channels)}")
-        if self.in_channels <= 0 or self.out_channels < 2:
-            raise ValueError("in-channels must be > 0 and out-channels >= 2 (background + classes)")
+        check_unet_shape(self.spatial_dims, self.channels, self.in_channels, self.out_channels)
 
 
 class Down(nn.Module):

@@ -41,7 +41,7 @@ from monai.networks.layers.factories import Pool
 from torch import nn
 
 from ..norms import build_norm
-from .blocks import conv
+from .blocks import check_unet_shape, conv
 from .registry import register_model
 from .uxnet_ops import DEFAULT_OPS, build_op
 
@@ -77,12 +77,7 @@ class UXNetConfig:
     fixed_arch: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.spatial_dims not in (2, 3):
-            raise ValueError(f"spatial-dims must be 2 or 3, got {self.spatial_dims}")
-        if len(self.channels) < 2 or any(c <= 0 for c in self.channels):
-            raise ValueError(f"channels must list >= 2 positive widths, got {list(self.channels)}")
-        if self.in_channels <= 0 or self.out_channels < 2:
-            raise ValueError("in-channels must be > 0 and out-channels >= 2 (background + classes)")
+        check_unet_shape(self.spatial_dims, self.channels, self.in_channels, self.out_channels)
         if self.blocks_per_level < 1 or self.top_k < 1:
             raise ValueError("blocks-per-level and top-k must be >= 1")
         if self.ops is not None and len(self.ops) < 1:

@@ -1,0 +1,144 @@
+"""``fedsite bench``: what the federation costs over plain PyTorch, in one run.
+
+1. Training-loop throughput: the ClientApp's loop (``client.trainer.train_local``)
+   against a hand-written PyTorch loop, same model, data, batches and seed.
+   Interleaved repetitions, median samples/s of each, ratio ours/plain.
+2. Simulation overhead: a full FedBN federation on Flower's simulation engine
+   against the same local training and evaluation done serially in one process,
+   ratio simulation/serial wall time (the engine's start-up is reported apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.data import load_site
+from client.trainer import TrainSettings, evaluate_dice, resolve_device, to_batch_tensors, train_local
+from shared_models import build_model
+from shared_models.durable import atomic_write_text
+from shared_models.losses import segmentation_loss
+
+from .domain_shift import DEFAULT_PROFILES, generate_dataset
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    parser.add_argument("--size", type=int, default=64, help="image side (2D)")
+    parser.add_argument("--cases", type=int, default=64, help="training cases per site")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sites", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--skip-simulation", action="store_true")
+
+
+def plain_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, lr: float, seed: int, device: torch.device) -> float:
+    """The reference: the loop anyone would write by hand. Returns samples/s."""
+    model.to(device).train()
+    loss_fn = segmentation_loss()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    started = time.perf_counter()
+    for idx in order.split(batch_size):
+        xb, yb = x[idx].to(device), y[idx].to(device)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xb), yb)
+        loss.backward()
+        opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return len(x) / (time.perf_counter() - started)
+
+
+def bench_trainer(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    spec = {"name": "unet", "channels": args.channels, "norm": "batch", "out-channels": 4}
+    settings = TrainSettings(epochs=1, lr=1e-3, batch_size=args.batch_size, device=str(device), amp=False, channels_last=False)
+    ours, plain = [], []
+    for rep in range(args.repeats + 1):  # first repetition warms up both
+        m1, m2 = build_model(spec, seed=rep), build_model(spec, seed=rep)
+        report = train_local(m1, x, y, settings, segmentation_loss())
+        ours_rate = report.samples / report.seconds
+        plain_rate = plain_loop(m2, x, y, args.batch_size, 1e-3, rep, device)
+        if rep:
+            ours.append(ours_rate)
+            plain.append(plain_rate)
+    return {
+        "device": str(device),
+        "trainer_samples_per_s": statistics.median(ours),
+        "plain_samples_per_s": statistics.median(plain),
+        "ratio": statistics.median(ours) / statistics.median(plain),
+    }
+
+
+def bench_simulation(args: argparse.Namespace, root: Path, sites: list[str]) -> dict[str, Any]:
+    from .engine import run_simulated_federation
+    from .run import run_config_for
+    from .experiment import Arm, ExperimentConfig
+
+    spec = {"name": "unet", "channels": list(args.channels), "norm": "batch", "spatial-dims": 2, "in-channels": 1, "out-channels": 4}
+    cfg = ExperimentConfig(rounds=args.rounds, batch_size=args.batch_size, device=args.device, methods=("fedbn",), seeds=(0,))
+    cell = args.out / "sim"
+    run_config = run_config_for(cfg, Arm("fedbn"), 0, root, sites, spec, cell)
+    started = time.perf_counter()
+    fed = run_simulated_federation(run_config, len(sites), num_cpus=1.0)
+    sim_wall = time.perf_counter() - started
+
+    # The same work, serially in this process: every round, every site trains its
+    # epoch and scores its test split (no Flower, no messages, no processes).
+    torch.set_num_threads(1)
+    data = {s: load_site(root / s, num_classes=4) for s in sites}
+    tensors = {s: (to_batch_tensors(np.stack([c.image for c in d.train]), np.stack([c.label for c in d.train])),
+                   to_batch_tensors(np.stack([c.image for c in d.test]), np.stack([c.label for c in d.test]))) for s, d in data.items()}
+    models = {s: build_model(spec, seed=0) for s in sites}
+    settings = TrainSettings(epochs=1, lr=cfg.lr, batch_size=args.batch_size, device=args.device)
+    started = time.perf_counter()
+    for rnd in range(args.rounds):
+        for s in sites:
+            (x, y), (xt, yt) = tensors[s]
+            train_local(models[s], x, y, settings, segmentation_loss())
+            evaluate_dice(models[s], xt, yt, 4, args.device)
+    serial_wall = time.perf_counter() - started
+    startup = fed["wall_s"]  # the ServerApp's own wall time excludes engine start-up
+    return {
+        "simulation_wall_s": sim_wall,
+        "serverapp_wall_s": startup,
+        "engine_startup_s": sim_wall - startup,
+        "serial_wall_s": serial_wall,
+        "ratio": sim_wall / serial_wall,
+        "ratio_excluding_startup": startup / serial_wall,
+        "rounds": args.rounds,
+        "sites": len(sites),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    args.out.mkdir(parents=True, exist_ok=True)
+    profiles = DEFAULT_PROFILES[: args.sites]
+    root = generate_dataset(args.out / "data", profiles=profiles, cases_per_site=args.cases, size=(args.size, args.size))
+    sites = [p.name for p in profiles]
+    site = load_site(root / sites[0], test_fraction=0.0 if args.cases > 1 else 0.25, num_classes=4)
+    x, y = to_batch_tensors(np.stack([c.image for c in site.train]), np.stack([c.label for c in site.train]))
+    torch.set_num_threads(1)
+    results: dict[str, Any] = {"trainer": bench_trainer(args, x, y)}
+    t = results["trainer"]
+    print(f"training loop ({t['device']}): fedsite {t['trainer_samples_per_s']:.1f} samples/s, "
+          f"plain PyTorch {t['plain_samples_per_s']:.1f} samples/s, ratio {t['ratio']:.3f}")
+    if not args.skip_simulation:
+        results["simulation"] = s = bench_simulation(args, root, sites)
+        print(f"simulation: {s['simulation_wall_s']:.1f} s on Flower's engine ({s['engine_startup_s']:.1f} s engine start-up) "
+              f"vs {s['serial_wall_s']:.1f} s serial in one process: ratio {s['ratio']:.2f} "
+              f"({s['ratio_excluding_startup']:.2f} without start-up)")
+    atomic_write_text(args.out / "bench.json", json.dumps(results, indent=2))
+    print(f"written: {args.out / 'bench.json'}")
+    return 0
