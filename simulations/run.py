@@ -205,4 +205,8 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(table)
     print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}  (total {results['wall_s']:.0f} s)")
+    from .sn_report import uses_switchable, write_sn_report
+
+    if any(uses_switchable(r["model"]) for r in runs):
+        print("Switchable Norm IN/LN/BN weights per layer and site: " + ", ".join(map(str, write_sn_report(out, results))))
     return 0

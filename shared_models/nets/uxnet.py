@@ -12,6 +12,10 @@ our reconstruction (methods.md §5.3, **[UNVERIFIED]**); check against the paper
   encoder levels and every coarser decoder node, ``R`` = 1x1 conv + linear resize
   (up) or adaptive average pooling (down), then the node's searchable block(s);
 * first-order DARTS (alpha/beta on a validation batch, weights on a training batch);
+  inside federated local training (:meth:`UXNet.search_training_step`) each
+  batch is split in two halves: alpha/beta on one (own Adam, ``arch-lr``), the
+  weights on the other (the trainer's optimizer). The paper's split (a held-out
+  set vs. the training set) is **[UNVERIFIED]**;
 * discretisation: arg-max operator per block, top-k inputs per node (``top_k``,
   default 2) combined with the softmax weights renormalised over the kept inputs.
   The paper may instead sum the kept inputs or relearn their weights; the weights
@@ -24,9 +28,24 @@ identical, so supernet weights load into the discretised net by key.
 **Federated learning.** alpha (``...alpha``) and beta (``...beta``) are plain
 parameters outside any norm module, so :func:`shared_models.partition.partition`
 classifies them as ordinary weights: *shared* (averaged) under fedavg/fedbn/silobn
-and local only under ``local``. A federated search therefore converges to one
-architecture; :func:`architecture_summary` reports what each site or the
-federation found.
+and local only under ``local``. Decision: under the shared policies the
+federation searches **one** architecture -- each site takes first-order DARTS
+steps on alpha/beta with its own data during local training, and FedAvg
+averages alpha/beta like any weight (averaging logits, not softmax weights).
+A per-site search is the ``local`` policy (every tensor stays at its site);
+keeping only alpha/beta local while sharing the weights is not offered
+(policy overrides act on norm roles, and alpha/beta have none).
+:func:`architecture_summary` reports what each site or the federation found;
+``simulations/arch_report.py`` does so for finished simulations.
+
+The architecture optimizer (Adam over alpha/beta) is a plain attribute, not a
+module: the state_dict and the fingerprint are those of the supernet, and it is
+rebuilt with the model every round (its moments do not survive a round, like the
+trainer's weight optimizer). ``search: false`` freezes alpha/beta
+(``requires_grad`` off): the supernet's weights train under a fixed mixture, e.g.
+a warm-up via ``model-schedule: {6: {search: true}}``. A searching supernet owns
+``training_step``, so SelfReg (which attaches its own) is refused for it; it is
+available for ``search: false`` and for the discretised net.
 """
 
 from __future__ import annotations
@@ -75,11 +94,16 @@ class UXNetConfig:
     blocks_per_level: int = 1
     top_k: int = 2
     fixed_arch: dict[str, Any] | None = None
+    search: bool = True  # supernet only: DARTS steps on alpha/beta in training_step; False freezes them
+    arch_lr: float = 3e-3  # Adam lr of alpha/beta (DARTS uses 3e-4 over many more steps)
+    arch_weight_decay: float = 1e-3  # DARTS' architecture weight decay
 
     def __post_init__(self) -> None:
         check_unet_shape(self.spatial_dims, self.channels, self.in_channels, self.out_channels)
         if self.blocks_per_level < 1 or self.top_k < 1:
             raise ValueError("blocks-per-level and top-k must be >= 1")
+        if self.arch_lr < 0 or self.arch_weight_decay < 0:
+            raise ValueError("arch-lr and arch-weight-decay must be >= 0")
         if self.ops is not None and len(self.ops) < 1:
             raise ValueError("ops must list at least one operator")
         if self.fixed_arch is not None:
@@ -224,10 +248,57 @@ class UXNet(nn.Module):
             nodes.append(DecoderNode(cfg, lv, sources, block_ops(name), searchable))
         self.decoder = nn.ModuleList(nodes)
         self.head = conv(dims, widths[0], cfg.out_channels, kernel=1)
+        if searchable and cfg.search:
+            # instance attribute, not a method: the trainer's hook exists only while searching
+            self.training_step = self.search_training_step
+        elif searchable:
+            for p in arch_parameters(self):
+                p.requires_grad_(False)
 
     @property
     def is_supernet(self) -> bool:
         return self.config.fixed_arch is None
+
+    def _arch_optimizer(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+        """Adam over alpha/beta, created on first use; kept out of the module tree."""
+        opt = self.__dict__.get("_arch_opt")
+        if opt is None or [id(p) for g in opt.param_groups for p in g["params"]] != [id(p) for p in params]:
+            opt = torch.optim.Adam(params, lr=self.config.arch_lr, betas=(0.5, 0.999), weight_decay=self.config.arch_weight_decay)
+            self.__dict__["_arch_opt"] = opt
+        return opt
+
+    def search_training_step(self, images: torch.Tensor, labels: torch.Tensor, loss_fn: Callable[..., torch.Tensor], step: Callable[..., None]) -> torch.Tensor:
+        """First-order DARTS on one batch (the trainer's ``training_step`` hook while searching).
+
+        The batch is split in two halves. On the second half alpha/beta take one step
+        of their own Adam (gradients w.r.t. alpha/beta only, no weight gradient is
+        touched). On the first half the weights take ``step(loss)`` (the trainer's
+        backward + optimizer step) with alpha/beta's ``requires_grad`` off, so they
+        get no gradient and the trainer's Adam -- which skips parameters whose
+        ``.grad`` is None, weight decay included -- leaves them alone. A batch of
+        one sample serves both updates. Returns the detached weight-half loss.
+        """
+        arch = arch_parameters(self)
+        n = images.shape[0]
+        half = (n + 1) // 2
+        if n >= 2:
+            (wx, wy), (ax, ay) = (images[:half], labels[:half]), (images[half:], labels[half:])
+        else:
+            (wx, wy) = (ax, ay) = (images, labels)
+        opt = self._arch_optimizer(arch)
+        opt.zero_grad(set_to_none=True)
+        _set_grads(loss_fn(self(ax), ay), arch)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for p in arch:
+            p.requires_grad_(False)
+        try:
+            loss = loss_fn(self(wx), wy)
+            step(loss)
+        finally:
+            for p in arch:
+                p.requires_grad_(True)
+        return loss.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features: dict[str, torch.Tensor] = {}

@@ -177,3 +177,96 @@ def test_discretize_does_not_touch_the_supernet():
     state = copy.deepcopy(model.state_dict())
     discretize(model)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+# ----------------------------------------------------------------- federated search (trainer hook)
+def _adam_step(model):
+    """The trainer's ``step``: backward + Adam over *all* parameters + zero_grad."""
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+
+    def step(loss, clip_value=None):
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _seg_batch(n=4):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 1, 16, 16, generator=g), torch.randint(0, 2, (n, 16, 16), generator=g)
+
+
+def test_training_step_moves_alpha_and_weights():
+    model = build_model(SMALL, seed=0).train()
+    before_a = [p.detach().clone() for p in arch_parameters(model)]
+    before_w = [p.detach().clone() for p in weight_parameters(model)]
+    loss = model.training_step(*_seg_batch(), F.cross_entropy, _adam_step(model))
+    assert loss.dim() == 0 and not loss.requires_grad
+    assert all(not torch.equal(b, p) for b, p in zip(before_a, arch_parameters(model)))
+    assert any(not torch.equal(b, p) for b, p in zip(before_w, weight_parameters(model)))
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_the_weight_step_does_not_move_alpha_even_with_adam_over_all_parameters():
+    # arch-lr 0: any change of alpha/beta could only come from the trainer's Adam (incl. weight decay)
+    from client.trainer import TrainSettings, train_local
+
+    model = build_model({**SMALL, "arch_lr": 0.0, "arch_weight_decay": 0.0}, seed=0)
+    before_a = [p.detach().clone() for p in arch_parameters(model)]
+    before_w = [p.detach().clone() for p in weight_parameters(model)]
+    images, labels = _seg_batch(8)
+    report = train_local(model, images, labels.unsqueeze(1), TrainSettings(epochs=2, batch_size=4, weight_decay=0.1),
+                         lambda out, y: F.cross_entropy(out, y.squeeze(1)))
+    assert report.steps == 4
+    assert all(torch.equal(b, p) for b, p in zip(before_a, arch_parameters(model)))
+    assert any(not torch.equal(b, p) for b, p in zip(before_w, weight_parameters(model)))
+
+
+def test_arch_optimizer_stays_out_of_state_dict_and_fingerprint_and_survives_pickle():
+    import pickle
+
+    from shared_models import architecture_fingerprint
+
+    model = build_model(SMALL, seed=0)
+    keys, fingerprint = list(model.state_dict()), architecture_fingerprint(model)
+    model.training_step(*_seg_batch(), F.cross_entropy, _adam_step(model))
+    assert isinstance(model.__dict__.get("_arch_opt"), torch.optim.Adam)
+    assert list(model.state_dict()) == keys and architecture_fingerprint(model) == fingerprint
+    assert not any("opt" in k for k in model.state_dict())
+    clone = pickle.loads(pickle.dumps(model))  # simulation workers
+    assert clone.training_step.__self__ is clone
+    opt = clone._arch_optimizer(arch_parameters(clone))
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in arch_parameters(clone)}
+
+
+def test_search_false_keeps_alpha_fixed_and_uses_the_plain_step():
+    from client.trainer import TrainSettings, train_local
+
+    model = build_model({**SMALL, "search": False}, seed=0)
+    assert not hasattr(model, "training_step")
+    before_a = [p.detach().clone() for p in arch_parameters(model)]
+    images, labels = _seg_batch(8)
+    train_local(model, images, labels.unsqueeze(1), TrainSettings(epochs=1, batch_size=4), lambda out, y: F.cross_entropy(out, y.squeeze(1)))
+    assert all(torch.equal(b, p) for b, p in zip(before_a, arch_parameters(model)))
+    # same tensors as the searching supernet: a model-schedule may switch search on
+    from shared_models import architecture_fingerprint
+
+    assert architecture_fingerprint(model) == architecture_fingerprint(build_model(SMALL, seed=0))
+
+
+def test_discretised_net_has_no_search_step_and_accepts_selfreg():
+    from shared_models.losses import make_loss
+
+    fixed = discretize(build_model(SMALL, seed=0))
+    assert not hasattr(fixed, "training_step")
+    make_loss("selfreg", fixed)
+    with pytest.raises(ValueError, match="already defines training_step"):
+        make_loss("selfreg", build_model(SMALL, seed=0))
+
+
+def test_one_sample_batch_serves_both_updates():
+    model = build_model({**SMALL, "norm": "group"}, seed=0)
+    before_a = [p.detach().clone() for p in arch_parameters(model)]
+    model.training_step(*_seg_batch(1), F.cross_entropy, _adam_step(model))
+    assert all(not torch.equal(b, p) for b, p in zip(before_a, arch_parameters(model)))
