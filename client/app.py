@@ -9,6 +9,7 @@ atomically, reply with the shared tensors only.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -20,12 +21,15 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from shared_models import architecture_fingerprint, build_model, partition
+from shared_models.durable import tensors_checksum
 from shared_models.losses import make_loss
 from shared_models.partition import Split
 from shared_models import records as R
 
 from .data import load_site
 from .exchange import load_local, load_shared, local_tensors, shared_record
+from .global_store import GlobalSnapshot, save_global
+from .site_metrics import record_training
 from .round_config import RoundConfig, SitePaths, resolve_site
 from .site_state import SiteStateError, SiteStateStore
 from .trainer import evaluate_dice, to_batch_tensors, train_local
@@ -75,12 +79,15 @@ class SiteModel:
     split: Split
     store: SiteStateStore
     fingerprint: str
+    loaded_local: dict | None = None  # checksum and round of the site-local tensors loaded from disk
 
 
 def prepare_model(message: Message, context: Context) -> tuple[RoundConfig, SitePaths, SiteModel]:
     """Build the round's model and put the global shared + stored local tensors in it."""
     cfg = RoundConfig.from_record(message.content[R.CONFIG])
     paths = resolve_site(context.node_config, cfg)
+    if "device" in context.node_config:  # a deployed site picks its own accelerator (fedsite client --device)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=str(context.node_config["device"])))
     model = build_model(cfg.model_spec, seed=cfg.train.seed)
     fingerprint = architecture_fingerprint(model)
     if fingerprint != cfg.fingerprint:
@@ -89,12 +96,17 @@ def prepare_model(message: Message, context: Context) -> tuple[RoundConfig, Site
             "(different fedsite version or model code at this site)"
         )
     split = partition(model, cfg.policy)
-    load_shared(model, message.content[R.ARRAYS], split, paths.site)
+    received = load_shared(model, message.content[R.ARRAYS], split, paths.site)
+    # Kept for `fedsite predict`: the newest global shared tensors, next to the local state.
+    save_global(paths.state_dir, GlobalSnapshot(cfg.run_name, cfg.server_round, cfg.model_spec, cfg.policy.name,
+                                                json.loads(str(message.content[R.CONFIG].get("policy-overrides", "{}"))), fingerprint, received, cfg.intensity))
     store = SiteStateStore(paths.state_dir, cfg.run_name, paths.site)
+    loaded = None
     if split.local and store.exists():
-        tensors, _ = store.load(fingerprint=fingerprint, policy=cfg.policy.name, expected_keys=set(split.local))
+        tensors, stored_round = store.load(fingerprint=fingerprint, policy=cfg.policy.name, expected_keys=set(split.local))
         load_local(model, tensors)
-    return cfg, paths, SiteModel(model, split, store, fingerprint)
+        loaded = {"local_state_checksum": tensors_checksum(tensors), "local_state_round": stored_round}
+    return cfg, paths, SiteModel(model, split, store, fingerprint, loaded)
 
 
 @app.train()
@@ -112,6 +124,12 @@ def train(message: Message, context: Context) -> Message:
     if sm.split.local:
         sm.store.save(local_tensors(sm.model, sm.split), fingerprint=sm.fingerprint, policy=cfg.policy.name, round_=cfg.server_round)
     log.info("site %s round %d: loss %.4f, %d samples in %.1fs", paths.site, cfg.server_round, report.loss, report.samples, report.seconds)
+    record_training(paths.state_dir, paths.site, {
+        "round": cfg.server_round, "run": cfg.run_name, "loss": report.loss, "samples": report.samples,
+        "train_seconds": report.seconds, "images_per_second": report.samples / max(report.seconds, 1e-9),
+        "gpu_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
+        **(sm.loaded_local or {"local_state_checksum": None, "local_state_round": None}),
+    })
     metrics = MetricRecord(
         {
             R.NUM_EXAMPLES: len(data.train_x),
@@ -147,6 +165,8 @@ def evaluate(message: Message, context: Context) -> Message:
             R.NUM_EXAMPLES: result.n,
             R.DICE: result.dice,
             "dice-per-class": list(result.per_class),
+            "hd95": result.hd95,
+            "hd95-per-class": list(result.hd95_per_class),
             "eval-seconds": time.perf_counter() - started,
         }
     )

@@ -13,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.metrics import DiceMetric
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
 from torch import nn
 
@@ -55,6 +56,8 @@ class EvalReport:
     dice: float  # mean foreground Dice over classes (classes absent everywhere ignored)
     per_class: tuple[float, ...]
     n: int
+    hd95: float = float("nan")  # mean over classes of the 95th-percentile Hausdorff distance (voxels)
+    hd95_per_class: tuple[float, ...] = ()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,7 +94,8 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.
     order = torch.randperm(n, generator=generator)
     chunks = list(order.split(batch_size))
     if len(chunks) > 1 and len(chunks[-1]) == 1:
-        chunks[-2] = torch.cat([chunks[-2], chunks.pop()])
+        last = chunks.pop()  # pop first: chunks[-2] on the left would index the shortened list
+        chunks[-1] = torch.cat([chunks[-1], last])
     return chunks
 
 
@@ -184,9 +188,38 @@ def evaluate_dice(
     ground truth (MONAI ``ignore_empty``); the site's score is the mean over classes.
     """
     pred = predict_labels(model, images, resolve_device(device), batch_size)
+    pred_1h, true_1h = one_hot(pred, num_classes), one_hot(labels, num_classes)
     metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
-    metric(one_hot(pred, num_classes), one_hot(labels, num_classes))
+    metric(pred_1h, true_1h)
     per_class = metric.aggregate().tolist()
-    finite = [v for v in per_class if math.isfinite(v)]
-    dice = float(np.mean(finite)) if finite else float("nan")
-    return EvalReport(dice=dice, per_class=tuple(float(v) for v in per_class), n=len(images))
+    hd_per_class = hd95_per_class(pred_1h, true_1h)
+    return EvalReport(
+        dice=_finite_mean(per_class),
+        per_class=tuple(float(v) for v in per_class),
+        n=len(images),
+        hd95=_finite_mean(hd_per_class),
+        hd95_per_class=tuple(hd_per_class),
+    )
+
+
+def _finite_mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def hd95_per_class(pred_1h: torch.Tensor, true_1h: torch.Tensor) -> list[float]:
+    """MONAI's 95th-percentile Hausdorff distance per foreground class, in voxels.
+
+    Cases without the class in the ground truth are ignored; a class present in
+    the ground truth but never predicted counts as the image diagonal (the worst
+    possible distance) instead of infinity, so one miss cannot erase a mean.
+    """
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")  # MONAI warns for every empty class
+        values = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(pred_1h, true_1h)
+    diagonal = torch.full_like(values, float(np.linalg.norm(pred_1h.shape[2:])))
+    present = true_1h[:, 1:].flatten(2).any(dim=2)
+    predicted = pred_1h[:, 1:].flatten(2).any(dim=2)
+    values = torch.where(present & ~predicted, diagonal, values)
+    values = torch.where(present, values, torch.full_like(values, float("nan")))
+    return [_finite_mean(values[:, c].tolist()) for c in range(values.shape[1])]

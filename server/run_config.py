@@ -43,6 +43,8 @@ class ServerRunConfig:
     min_nodes: int = 0  # 0 = every site must connect
     wait_seconds: float = 120.0
     round_timeout: float = 900.0
+    min_train_nodes: int = 1  # quorum: valid updates a round needs to change the global model
+    straggler_grace: float = -1.0  # once a quorum replied, wait at most this long for the rest (< 0: wait for all)
     eval_every: int = 1
     resume: bool = True
     checkpoint_keep: int = 3

@@ -84,12 +84,12 @@ def bench_trainer(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) ->
 def bench_simulation(args: argparse.Namespace, root: Path, sites: list[str]) -> dict[str, Any]:
     from .engine import run_simulated_federation
     from .run import run_config_for
-    from .experiment import Arm, ExperimentConfig
+    from .experiment import Arm, Cell, ExperimentConfig
 
     spec = {"name": "unet", "channels": list(args.channels), "norm": "batch", "spatial-dims": 2, "in-channels": 1, "out-channels": 4}
     cfg = ExperimentConfig(rounds=args.rounds, batch_size=args.batch_size, device=args.device, methods=("fedbn",), seeds=(0,))
     cell = args.out / "sim"
-    run_config = run_config_for(cfg, Arm("fedbn"), 0, root, sites, spec, cell)
+    run_config = run_config_for(cfg, cfg.data, Cell("data", "fedbn", Arm("fedbn"), spec, 0), root, sites, cell)
     started = time.perf_counter()
     fed = run_simulated_federation(run_config, len(sites), num_cpus=1.0)
     sim_wall = time.perf_counter() - started

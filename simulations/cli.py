@@ -22,6 +22,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("simulations.bench", "measure the training loop and the simulation engine against plain PyTorch"),
     "bench-norms": ("simulations.bench_norms", "time each registered norm against BatchNorm (2D and 3D) and DualNorm-UNet against the UNet"),
     "models": ("simulations.models_cli", "list registered models with parameter and MAC counts"),
+    "provision": ("server.provision", "create the federation's CA, server certificate, per-site auth keys, server.yaml and sites/<site>.yaml"),
+    "server": ("server.daemon", "run the aggregation server: SuperLink (TLS, node auth, database) + the configured federation"),
+    "client": ("client.daemon", "run one site's daemon: a SuperNode with the site's key, data, local state, health and metrics"),
+    "predict": ("client.predict", "segment NIfTI images with a site's personalised model (latest global + its local tensors)"),
+    "prepare-data": ("simulations.datasets", "convert per-site folders (foundation or MSD/nnU-Net imagesTr/labelsTr) to the foundation layout, RAS, common spacing"),
+    "adapt": ("simulations.adapt", "build a never-trained site's model from a finished federation (average, AdaBN, SN batch average) and score it"),
 }
 
 

@@ -29,11 +29,23 @@ class SyntheticData:
 
 
 @dataclass(frozen=True)
+class AnatomyData:
+    """Real MRI anatomy (MNI152 tissue maps shipped by nilearn) + scanner profiles."""
+
+    sites: int = 4
+    cases_per_site: int = 40
+    spatial_dims: int = 2
+    size: tuple[int, ...] = (48, 48)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    """Either a folder per site on disk (``dir``) or the synthetic generator."""
+    """A folder per site on disk (``dir``), the real-anatomy set, or the synthetic generator."""
 
     dir: str | None = None
     sites: tuple[str, ...] = ()  # empty = every site folder found in ``dir``
+    anatomy: AnatomyData | None = None
     synthetic: SyntheticData = field(default_factory=SyntheticData)
     intensity: str = "zscore"
     test_fraction: float = 0.25
@@ -84,6 +96,11 @@ class ExperimentConfig:
     model: dict[str, Any] = field(default_factory=lambda: {"name": "unet", "channels": [8, 16, 32], "norm": "batch"})
     methods: tuple[str, ...] = ("local", "fedavg", "fedbn", "silobn", "pooled")
     arms: tuple[Arm, ...] = ()  # explicit variants; compared after the plain ``methods``
+    datasets: dict[str, DataConfig] = field(default_factory=dict)  # matrix axis; empty = just ``data``
+    models: tuple[dict[str, Any], ...] = ()  # matrix axis: spec overrides, e.g. {name: segnetr}
+    norms: tuple[str, ...] = ()  # matrix axis: norm of every arm's model
+    holdout: str | None = None  # a site that never trains; scored after adaptation
+    adapt_options: tuple[str, ...] = ("average", "adabn", "sn-batch-average")
     seeds: tuple[int, ...] = (0, 1)
     rounds: int = 10
     local_epochs: int = 1
@@ -117,6 +134,44 @@ class ExperimentConfig:
     def all_arms(self) -> tuple[Arm, ...]:
         return tuple(Arm(method=m) for m in self.methods) + tuple(self.arms)
 
+    @property
+    def all_datasets(self) -> dict[str, DataConfig]:
+        return dict(self.datasets) or {"data": self.data}
+
+    def cells(self) -> list[Cell]:
+        """The matrix: datasets x models x norms x arms x seeds, in run order."""
+        models = self.models or ({},)
+        norms = self.norms or (None,)
+        out = []
+        for dataset in self.all_datasets:
+            for variant in models:
+                for norm in norms:
+                    for arm in self.all_arms:
+                        label = arm.label
+                        if len(models) > 1:
+                            label += "-" + str(variant.get("name", self.model.get("name")))
+                        if len(norms) > 1:
+                            label += f"-{norm}"
+                        spec = {**self.model, **variant, **({"norm": norm} if norm else {}), **arm.model}
+                        for seed in self.seeds:
+                            out.append(Cell(dataset, label, arm, spec, seed))
+        return out
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One federation of the matrix."""
+
+    dataset: str
+    label: str  # the row of the report ("method")
+    arm: Arm
+    model: dict[str, Any]
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}-seed{self.seed}"
+
 
 def load_experiment(path: str | Path | None) -> ExperimentConfig:
     """The YAML at ``path``, or the embedded default experiment."""
@@ -136,6 +191,7 @@ def with_overrides(cfg: ExperimentConfig, **flags: Any) -> ExperimentConfig:
     changes = {k: v for k, v in flags.items() if v is not None and k not in ("data_dir", "norm", "model_name")}
     if flags.get("data_dir") is not None:
         changes["data"] = replace(cfg.data, dir=str(flags["data_dir"]), sites=())
+        changes["datasets"] = {}  # --data replaces the dataset axis
     if flags.get("methods") is not None:
         changes["arms"] = ()  # --methods replaces the whole comparison
     model = dict(cfg.model)

@@ -13,14 +13,17 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from shared_models.config import ConfigError
 from shared_models.durable import atomic_write_text
 
-from .experiment import Arm, ExperimentConfig, load_experiment, with_overrides
+from .experiment import Cell, DataConfig, ExperimentConfig, load_experiment, with_overrides
 from .methods import METHODS
+
+CELL_RECORD = "cell.json"
 
 
 def _csv(kind: type):
@@ -48,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--cpus-per-site", type=float, help="CPU share of each simulated site")
     parser.add_argument("--gpus-per-site", type=float, help="GPU share of each simulated site (e.g. 0.25)")
+    parser.add_argument("--holdout", help="a site that never trains; scored after each adaptation option")
     parser.add_argument("--out", type=Path, default=Path("runs/simulate"), help="output folder (default: runs/simulate)")
     parser.add_argument("--verbose", action="store_true", help="show Flower's own log")
 
@@ -56,8 +60,6 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
     cfg = load_experiment(args.config)
     resources = cfg.client_resources
     if args.cpus_per_site is not None or args.gpus_per_site is not None:
-        from dataclasses import replace
-
         resources = replace(
             resources,
             num_cpus=args.cpus_per_site if args.cpus_per_site is not None else resources.num_cpus,
@@ -76,63 +78,66 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
         lr=args.lr,
         batch_size=args.batch_size,
         device=args.device,
+        holdout=args.holdout,
         client_resources=resources,
     )
 
 
-def prepare_data(cfg: ExperimentConfig, out: Path) -> tuple[Path, list[str], int, int]:
-    """Data root, site names, number of classes and spatial dims of the experiment."""
+def prepare_data(data: DataConfig, out: Path) -> tuple[Path, list[str], int, int]:
+    """Data root, site names, number of classes and spatial dims of one dataset."""
     from client.data import infer_num_classes, list_sites, load_site
 
-    if cfg.data.dir:
-        root = Path(cfg.data.dir)
-        sites = list(cfg.data.sites) or list_sites(root)
-    else:
-        from .domain_shift import DEFAULT_PROFILES, generate_dataset
+    from .domain_shift import DEFAULT_PROFILES
 
-        syn = cfg.data.synthetic
-        if not 1 <= syn.sites <= len(DEFAULT_PROFILES):
-            raise ConfigError(f"data.synthetic.sites: between 1 and {len(DEFAULT_PROFILES)}, got {syn.sites}")
-        root = generate_dataset(
-            out / "data",
-            profiles=DEFAULT_PROFILES[: syn.sites],
-            cases_per_site=syn.cases_per_site,
-            spatial_dims=syn.spatial_dims,
-            size=syn.size,
-            num_classes=syn.num_classes,
-            seed=syn.seed,
-        )
-        sites = [p.name for p in DEFAULT_PROFILES[: syn.sites]]
+    if data.dir:
+        root = Path(data.dir)
+        sites = list(data.sites) or list_sites(root)
+    else:
+        source = data.anatomy or data.synthetic
+        if not 1 <= source.sites <= len(DEFAULT_PROFILES):
+            raise ConfigError(f"data: sites must be between 1 and {len(DEFAULT_PROFILES)}, got {source.sites}")
+        profiles = DEFAULT_PROFILES[: source.sites]
+        if data.anatomy is not None:
+            from .anatomy import generate_anatomy_dataset
+
+            root = generate_anatomy_dataset(out / "data-anatomy", profiles=profiles, cases_per_site=source.cases_per_site,
+                                            spatial_dims=source.spatial_dims, size=source.size, seed=source.seed)
+        else:
+            from .domain_shift import generate_dataset
+
+            root = generate_dataset(out / "data", profiles=profiles, cases_per_site=source.cases_per_site,
+                                    spatial_dims=source.spatial_dims, size=source.size, num_classes=source.num_classes, seed=source.seed)
+        sites = [p.name for p in profiles]
     num_classes = infer_num_classes(root, sites)
-    first = load_site(root / sites[0], test_fraction=cfg.data.test_fraction, split_seed=cfg.data.split_seed, intensity=cfg.data.intensity)
+    first = load_site(root / sites[0], test_fraction=data.test_fraction, split_seed=data.split_seed, intensity=data.intensity)
     return root.resolve(), sites, num_classes, first.spatial_dims
 
 
-def run_config_for(cfg: ExperimentConfig, arm: Arm, seed: int, root: Path, sites: list[str], model: dict[str, Any], cell_dir: Path) -> dict[str, Any]:
-    """The ServerApp run_config of one (arm, seed) cell."""
-    m = METHODS[arm.method]
+def run_config_for(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Path, sites: list[str], cell_dir: Path) -> dict[str, Any]:
+    """The ServerApp run_config of one cell of the matrix."""
+    m = METHODS[cell.arm.method]
     return {
-        "model": json.dumps({**model, **arm.model}),
-        "model-schedule": json.dumps({str(k): v for k, v in arm.model_schedule.items()}),
-        "run-name": f"{arm.label}-seed{seed}",
-        "loss": arm.loss or cfg.loss,
+        "model": json.dumps(cell.model),
+        "model-schedule": json.dumps({str(k): v for k, v in cell.arm.model_schedule.items()}),
+        "run-name": cell.name,
+        "loss": cell.arm.loss or cfg.loss,
         "out-dir": str(cell_dir),
         "num-rounds": cfg.rounds,
         "local-epochs": cfg.local_epochs,
         "lr": cfg.lr,
         "batch-size": cfg.batch_size,
-        "seed": seed,
+        "seed": cell.seed,
         "policy": m.policy,
-        "policy-overrides": json.dumps({**m.policy_overrides, **arm.policy_overrides}),
+        "policy-overrides": json.dumps({**m.policy_overrides, **cell.arm.policy_overrides}),
         "strategy": m.strategy,
         "strategy-options": json.dumps(m.strategy_options),
         "proximal-mu": m.proximal_mu,
         "device": cfg.device,
         "amp": cfg.amp,
         "channels-last": cfg.channels_last,
-        "intensity": cfg.data.intensity,
-        "test-fraction": cfg.data.test_fraction,
-        "split-seed": cfg.data.split_seed,
+        "intensity": data.intensity,
+        "test-fraction": data.test_fraction,
+        "split-seed": data.split_seed,
         "pooled": m.pooled,
         "data-dir": str(root),
         "sites": ",".join(sites),
@@ -141,8 +146,51 @@ def run_config_for(cfg: ExperimentConfig, arm: Arm, seed: int, root: Path, sites
     }
 
 
-def run(args: argparse.Namespace) -> int:
+def finished_run(cell_dir: Path, run_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored record of a cell that already finished with this exact configuration."""
+    record = cell_dir / CELL_RECORD
+    if not record.exists():
+        return None
+    stored = json.loads(record.read_text())
+    return stored["run"] if stored.get("run_config") == run_config else None
+
+
+def run_cell(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Path, sites: list[str], out: Path, verbose: bool) -> tuple[dict[str, Any], bool]:
+    """Run one federation (or reuse its finished record); returns (run record, reused)."""
     from .engine import run_simulated_federation
+
+    cell_dir = out / "runs" / cell.name
+    train_sites = [s for s in sites if s != cfg.holdout]
+    run_config = run_config_for(cfg, data, cell, root, train_sites, cell_dir)
+    done = finished_run(cell_dir, run_config)
+    if done is not None:
+        return done, True
+    nodes = len(train_sites) + (1 if METHODS[cell.arm.method].pooled else 0)
+    t0 = time.perf_counter()
+    fed = run_simulated_federation(run_config, nodes, cfg.client_resources.num_cpus, cfg.client_resources.num_gpus, verbose)
+    run = {
+        "method": cell.label,
+        "federated_method": cell.arm.method,
+        "model": cell.model,
+        "seed": cell.seed,
+        "rounds": fed["rounds"],
+        "per_site": {s: {"dice": v["dice"], "hd95": v.get("hd95", float("nan")), "n_test": v.get("n_test", 0)}
+                     for s, v in fed["per_site"].items()},
+        "mean_dice": fed["mean_dice"],
+        "wall_s": time.perf_counter() - t0,
+        "bytes_sent": fed["bytes_sent"],
+        "bytes_received": fed["bytes_received"],
+        "history": fed["history"],
+    }
+    if cfg.holdout:
+        from .adapt import adapt_and_score
+
+        run["holdout"] = {"site": cfg.holdout, **adapt_and_score(cell_dir, train_sites, root / cfg.holdout, list(cfg.adapt_options))}
+    atomic_write_text(cell_dir / CELL_RECORD, json.dumps({"run_config": run_config, "run": run}, indent=2))
+    return run, False
+
+
+def run(args: argparse.Namespace) -> int:
     from .report import summarise, write_reports
 
     try:
@@ -152,61 +200,70 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        root, sites, num_classes, spatial_dims = prepare_data(cfg, out)
-    except (ValueError, OSError) as exc:
-        print(f"fedsite simulate: data error: {exc}", file=sys.stderr)
-        return 2
-    model = {**cfg.model, "spatial-dims": spatial_dims, "in-channels": 1, "out-channels": num_classes}
-    arms = cfg.all_arms
-    cells = [(a, s) for a in arms for s in cfg.seeds]
-    print(f"fedsite simulate: {len(sites)} sites ({', '.join(sites)}), {num_classes} classes, {spatial_dims}D; "
-          f"{len(arms)} arms x {len(cfg.seeds)} seeds, {cfg.rounds} rounds of {cfg.local_epochs} local epoch(s)", flush=True)
-    runs = []
+    cells = cfg.cells()
+    datasets = cfg.all_datasets
+    print(f"fedsite simulate: {len(cells)} federations ({len(datasets)} dataset(s) x {len(cfg.all_arms)} arm(s) x "
+          f"{len(cfg.models) or 1} model(s) x {len(cfg.norms) or 1} norm(s) x {len(cfg.seeds)} seed(s)); "
+          f"{cfg.rounds} rounds of {cfg.local_epochs} local epoch(s)", flush=True)
     started = time.perf_counter()
-    for i, (arm, seed) in enumerate(cells, 1):
-        method = arm.label
-        print(f"[{i}/{len(cells)}] {method} seed {seed} ...", flush=True)
-        cell_dir = out / "runs" / f"{method}-seed{seed}"
-        run_config = run_config_for(cfg, arm, seed, root, sites, model, cell_dir)
-        nodes = len(sites) + (1 if METHODS[arm.method].pooled else 0)
-        t0 = time.perf_counter()
+    done = 0
+    for name, data in datasets.items():
+        ds_out = out if len(datasets) == 1 else out / name
+        ds_out.mkdir(parents=True, exist_ok=True)
         try:
-            fed = run_simulated_federation(run_config, nodes, cfg.client_resources.num_cpus, cfg.client_resources.num_gpus, args.verbose)
-        except Exception as exc:  # the engine re-raises the ServerApp's exception
-            print(f"fedsite simulate: {method} seed {seed} failed: {exc}", file=sys.stderr)
-            return 1
-        runs.append(
-            {
-                "method": method,
-                "federated_method": arm.method,
-                "model": json.loads(run_config["model"]),
-                "seed": seed,
-                "rounds": fed["rounds"],
-                "per_site": {s: {"dice": v["dice"], "n_test": v.get("n_test", 0)} for s, v in fed["per_site"].items()},
-                "mean_dice": fed["mean_dice"],
-                "wall_s": time.perf_counter() - t0,
-                "bytes_sent": fed["bytes_sent"],
-                "bytes_received": fed["bytes_received"],
-                "history": fed["history"],
-            }
-        )
-        print(f"      mean Dice {fed['mean_dice']:.4f}  ({time.perf_counter() - t0:.1f} s)", flush=True)
-    results = {
-        "experiment": cfg.name,
-        "sites": sites,
-        "num_classes": num_classes,
-        "runs": runs,
-        "summary": summarise(runs, sites),
-        "wall_s": time.perf_counter() - started,
-        "command": "fedsite " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("fedsite") else None,
-    }
-    table = write_reports(results, out)
-    print()
-    print(table)
-    print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}  (total {results['wall_s']:.0f} s)")
+            root, sites, num_classes, spatial_dims = prepare_data(data, ds_out)
+        except (ValueError, OSError) as exc:
+            print(f"fedsite simulate: data error ({name}): {exc}", file=sys.stderr)
+            return 2
+        if cfg.holdout and cfg.holdout not in sites:
+            print(f"fedsite simulate: --holdout {cfg.holdout!r} is not a site of {name} ({', '.join(sites)})", file=sys.stderr)
+            return 2
+        print(f"dataset {name}: {len(sites)} sites ({', '.join(sites)}), {num_classes} classes, {spatial_dims}D"
+              + (f"; held out: {cfg.holdout}" if cfg.holdout else ""), flush=True)
+        runs = []
+        for cell in (c for c in cells if c.dataset == name):
+            done += 1
+            cell = replace(cell, model={**cell.model, "spatial-dims": spatial_dims, "in-channels": 1, "out-channels": num_classes})
+            print(f"[{done}/{len(cells)}] {cell.label} seed {cell.seed} ...", flush=True)
+            try:
+                record, reused = run_cell(cfg, data, cell, root, sites, ds_out, args.verbose)
+            except Exception as exc:  # the engine re-raises the ServerApp's exception
+                print(f"fedsite simulate: {cell.label} seed {cell.seed} failed: {exc}", file=sys.stderr)
+                return 1
+            runs.append(record)
+            print(f"      mean Dice {record['mean_dice']:.4f}" + ("  (finished earlier, reused)" if reused else f"  ({record['wall_s']:.1f} s)"), flush=True)
+        eval_sites = [s for s in sites if s != cfg.holdout]
+        results = {
+            "experiment": cfg.name if len(datasets) == 1 else f"{cfg.name}/{name}",
+            "sites": eval_sites,
+            "num_classes": num_classes,
+            "runs": runs,
+            "summary": summarise(runs, eval_sites),
+            "wall_s": time.perf_counter() - started,
+            "command": "fedsite " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("fedsite") else None,
+        }
+        table = write_reports(results, ds_out)
+        print()
+        print(table)
+        write_extra_reports(ds_out, results)
+        from .report_page import write_report_page
+
+        page = write_report_page(ds_out, results, cfg, data, root)
+        print(f"\nresults: {ds_out / 'results.json'}, {ds_out / 'results.md'}, {page}  (total {results['wall_s']:.0f} s)")
+    return 0
+
+
+def write_extra_reports(out: Path, results: dict[str, Any]) -> None:
+    """Method-specific analyses, written only when a run used that method."""
+    from .arch_report import uses_uxnet, write_arch_report
     from .sn_report import uses_switchable, write_sn_report
 
+    runs = results["runs"]
     if any(uses_switchable(r["model"]) for r in runs):
         print("Switchable Norm IN/LN/BN weights per layer and site: " + ", ".join(map(str, write_sn_report(out, results))))
-    return 0
+    if any(uses_uxnet(r["model"]) for r in runs):
+        print("UXNet architectures found: " + ", ".join(map(str, write_arch_report(out, results))))
+    if any("holdout" in r for r in runs):
+        from .report import holdout_table
+
+        print("\nheld-out site, by adaptation option:\n" + holdout_table(results))

@@ -1,0 +1,252 @@
+"""``fedsite client --config site.yaml [--data DIR]``: the long-lived daemon of one site.
+
+It supervises one Flower SuperNode (``python -m client.supernode``, i.e.
+``flower-supernode`` with a configurable heartbeat) that connects to the
+server with TLS (the federation CA in ``root-certificates``) and the site's
+authentication key (``auth-private-key``, registered at the server by
+``fedsite server``), and runs our ClientApp on this site's data. The node is
+identified by its ``--node-config`` (a TOML file the daemon writes):
+``site-id``, ``data-dir``, ``state-dir`` and ``device``.
+
+- Site-local tensors live on disk under ``state-dir`` (``client/site_state.py``),
+  so a restarted daemon trains on with byte-identical local state; Flower's
+  in-memory ``Context.state`` is not used for them.
+- Reconnection: the SuperNode retries a lost SuperLink itself (unbounded, with
+  backoff); if it exits anyway (e.g. the key is not registered yet) the daemon
+  starts it again after ``restart-delay`` seconds, doubling up to 60 s.
+- ``/health`` (200 when the SuperNode runs and is connected, else 503) and
+  ``/metrics`` (``client/site_metrics.py``) on ``health.host:health.port``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from shared_models.config import ConfigError, load_config  # noqa: E402
+
+DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|auto)$")
+NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+RECEIVING = re.compile(r"Receiving: (\w+) message")
+
+
+@dataclass(frozen=True)
+class HealthSection:
+    host: str = "127.0.0.1"
+    port: int = 9500  # 0 = no endpoint
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    site_id: str
+    superlink: str  # host:port of the server
+    root_certificates: str  # the federation CA (verifies the server)
+    auth_private_key: str  # OpenSSH EC key; its public half is registered at the server
+    data_dir: str
+    state_dir: str
+    device: str = "cpu"
+    health: HealthSection = HealthSection()
+    runtime_port: int = 9094  # the SuperNode's local ClientApp API (127.0.0.1)
+    heartbeat_interval: float = 30.0
+    restart_delay: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not DEVICE.match(self.device):
+            raise ConfigError(f"device: expected cpu, cuda, cuda:N or auto, got {self.device!r}")
+        if not 10 <= self.heartbeat_interval <= 1800:
+            raise ConfigError(f"heartbeat-interval: Flower's SuperLink accepts 10..1800 s, got {self.heartbeat_interval}")
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def check_data_dir(data_dir: Path) -> int:
+    """Fail early, naming the folder, if the site's data is not where the config says."""
+    for sub in ("images", "labels"):
+        if not (data_dir / sub).is_dir():
+            raise ConfigError(f"data-dir {data_dir}: no {sub}/ folder (expected {data_dir}/images and {data_dir}/labels)")
+    n = sum(1 for p in (data_dir / "images").iterdir() if not p.name.startswith("."))
+    if n == 0:
+        raise ConfigError(f"data-dir {data_dir}: images/ is empty")
+    return n
+
+
+def check_device(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device}: CUDA is not available on this machine")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device}: only {torch.cuda.device_count()} GPU(s) visible")
+
+
+def write_node_config(path: Path, values: dict[str, str]) -> Path:
+    """``--node-config`` as a TOML file (paths with spaces or quotes stay intact)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    return path
+
+
+class Supervisor:
+    """Runs the SuperNode, restarts it when it exits, and follows its log."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], restart_delay: float):
+        self.cmd, self.env, self.restart_delay = cmd, env, restart_delay
+        self.proc: subprocess.Popen[str] | None = None
+        self.restarts = 0
+        self.node_id: int | None = None
+        self.connected = False
+        self.last_message: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            running = self.proc is not None and self.proc.poll() is None
+            return {"running": running, "connected": running and self.connected, "node_id": self.node_id,
+                    "restarts": self.restarts, "last_message": dict(self.last_message), "pid": self.proc.pid if running else None}
+
+    def _follow(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if m := NODE_ID.search(line):
+                with self._lock:
+                    self.node_id, self.connected = int(m.group(1)), True
+            elif m := RECEIVING.search(line):
+                with self._lock:
+                    self.last_message = {"type": m.group(1), "at": time.time()}
+
+    def run(self) -> None:
+        delay = self.restart_delay
+        while not self._stop.is_set():
+            with self._lock:
+                self.connected = False
+                self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            started = time.monotonic()
+            follower = threading.Thread(target=self._follow, args=(self.proc,), daemon=True)
+            follower.start()
+            code = self.proc.wait()
+            follower.join(timeout=5)
+            if self._stop.is_set():
+                break
+            delay = self.restart_delay if time.monotonic() - started > 120 else min(60.0, delay * 2 if self.restarts else delay)
+            self.restarts += 1
+            print(f"fedsite client: SuperNode exited with code {code}; restarting in {delay:.0f} s", flush=True)
+            self._stop.wait(delay)
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # the SuperNode deactivates itself at the SuperLink
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def serve_health(host: str, port: int, site: str, supervisor: Supervisor, state_dir: Path) -> ThreadingHTTPServer:
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    from .site_metrics import SiteCollector
+
+    registry = CollectorRegistry()
+    registry.register(SiteCollector(site, state_dir, supervisor.snapshot))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            route = self.path.split("?")[0]
+            if route == "/metrics":
+                body, ctype, code = generate_latest(registry), CONTENT_TYPE_LATEST, 200
+            elif route in ("/health", "/healthz"):
+                snap = {"site": site, **supervisor.snapshot()}
+                body, ctype, code = json.dumps(snap).encode(), "application/json", 200 if snap["connected"] else 503
+            else:
+                body, ctype, code = b"not found\n", "text/plain", 404
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="fedsite-health", daemon=True).start()
+    return server
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="site.yaml (from `fedsite provision`)")
+    parser.add_argument("--data", type=Path, help="this site's data folder (images/, labels/); overrides data-dir")
+    parser.add_argument("--device", help="cpu | cuda | cuda:N | auto; overrides the config")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(SiteConfig, args.config)
+        base = args.config.resolve().parent
+        data_dir = args.data.resolve() if args.data else _resolve(base, cfg.data_dir)
+        state_dir = _resolve(base, cfg.state_dir)
+        device = args.device or cfg.device
+        if not DEVICE.match(device):
+            raise ConfigError(f"--device: expected cpu, cuda, cuda:N or auto, got {device!r}")
+        n_images = check_data_dir(data_dir)
+        check_device(device)
+        for name, value in (("root-certificates", cfg.root_certificates), ("auth-private-key", cfg.auth_private_key)):
+            if not _resolve(base, value).is_file():
+                raise ConfigError(f"{name}: {_resolve(base, value)} not found")
+    except ConfigError as exc:
+        print(f"fedsite client: configuration error: {exc}", file=sys.stderr)
+        return 2
+    state_dir.mkdir(parents=True, exist_ok=True)
+    node_config = write_node_config(state_dir / "node-config.toml", {
+        "site-id": cfg.site_id, "data-dir": str(data_dir), "state-dir": str(state_dir), "device": device})
+    cmd = [
+        sys.executable, "-m", "client.supernode",
+        "--superlink", cfg.superlink,
+        "--root-certificates", str(_resolve(base, cfg.root_certificates)),
+        "--auth-supernode-private-key", str(_resolve(base, cfg.auth_private_key)),
+        "--node-config", str(node_config),
+        "--port", str(cfg.runtime_port),
+    ]
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FEDSITE_HEARTBEAT_INTERVAL": str(cfg.heartbeat_interval),
+           "FEDSITE_PARENT_PID": str(os.getpid()), "FLWR_HOME": str(state_dir / "flwr-home")}
+    supervisor = Supervisor(cmd, env, cfg.restart_delay)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        print(f"fedsite client: signal {signum}, stopping the SuperNode", flush=True)
+        supervisor.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    http = serve_health(cfg.health.host, cfg.health.port, cfg.site_id, supervisor, state_dir) if cfg.health.port else None
+    print(f"fedsite client: site {cfg.site_id}, {n_images} images in {data_dir}, state in {state_dir}, device {device}; "
+          f"connecting to {cfg.superlink} (TLS, key {cfg.auth_private_key})"
+          + (f"; health on http://{cfg.health.host}:{cfg.health.port}/health" if http else ""), flush=True)
+    supervisor.run()
+    if http is not None:
+        http.shutdown()
+    return 0

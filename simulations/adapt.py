@@ -1,0 +1,445 @@
+"""A site that never trained: its model from a finished federation, three ways.
+
+Input: a finished cell ``OUT/runs/<arm>-seed<k>`` (``federation.json``, the
+server's ``checkpoints/round-NNNN.pt``, each training site's
+``site-state/<site>/<run>/local_state.pt``) and the new site's images
+(``SITE/images/<case>.nii.gz``; ``SITE/labels`` optional, used only for scoring).
+
+* ``average``: the global shared tensors of the last checkpoint plus the
+  element-wise mean over the training sites of their site-local tensors
+  (integer buffers such as ``num_batches_tracked``: the mean, rounded).
+* ``adabn``: ``average``, then the running statistics of every BatchNorm-type
+  layer (``nn.BatchNorm*``, incl. DualNorm's inner BN; BIN; InstanceNorm with
+  tracked stats) re-estimated on the new site's images (Li et al., AdaBN): stats
+  reset, ``momentum=None`` (cumulative average over batches), forward passes of the
+  whole model in train mode under ``no_grad``, images in their sorted order split
+  into near-equal batches of at most ``batch_size``. Only tensors whose partition
+  role is STATISTIC of those layers change; everything else (Switchable Norm's
+  buffers, which train mode would move, included) is restored.
+* ``sn-batch-average``: ``average``, then every Switchable Norm layer's BN-branch
+  statistics replaced by the batch average over the new images
+  (:func:`shared_models.norms.switchable.recompute_sn_bn_stats`). Skipped (with a
+  note) for a model without Switchable Norm; likewise ``adabn`` without BN-type layers.
+
+Labels are never used to adapt: the statistics come from all images of the new
+site (transductive), the Dice is computed on the labelled ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import NormalizeIntensity, ResizeWithPadOrCrop
+from monai.utils import convert_to_numpy
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from client.data import DataError, _read, _read_case, _scan
+from client.site_state import SiteStateStore
+from client.trainer import evaluate_dice, resolve_device, to_batch_tensors
+from server.checkpoint import CheckpointStore
+from shared_models import architecture_fingerprint, build_model
+from shared_models.build import model_config
+from shared_models.norms.bin import BatchInstanceNorm
+from shared_models.norms.registry import TensorRole
+from shared_models.norms.switchable import SwitchNorm, recompute_sn_bn_stats
+from shared_models.partition import tensor_roles
+
+OPTIONS = ("average", "adabn", "sn-batch-average")
+RESULT_FILE = "federation.json"
+_SEED = re.compile(r"-seed(-?\d+)$")
+
+
+class AdaptError(RuntimeError):
+    """The finished run cannot be used (missing/mismatched files; the message names them)."""
+
+
+# ---------------------------------------------------------------- the finished federation
+
+
+@dataclass
+class FinishedRun:
+    """What a finished cell holds for building a new site's model."""
+
+    cell_dir: Path
+    run_name: str
+    policy: str
+    round: int
+    model_spec: dict[str, Any]
+    seed: int
+    fingerprint: str
+    shared: dict[str, torch.Tensor]  # global shared tensors of the last checkpoint
+    local: dict[str, dict[str, torch.Tensor]]  # training site -> its site-local tensors
+
+
+def _spec_from_results(cell_dir: Path, run_name: str) -> tuple[dict[str, Any], int] | None:
+    """(model spec, seed) of ``run_name`` in ``OUT/results.json`` next to ``OUT/runs/``."""
+    results = cell_dir.parent.parent / "results.json"
+    try:
+        runs = json.loads(results.read_text())["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for run in runs:
+        if f"{run.get('method')}-seed{run.get('seed')}" == run_name and "model" in run:
+            return dict(run["model"]), int(run["seed"])
+    return None
+
+
+def load_finished_run(
+    cell_dir: str | Path, train_sites: Sequence[str], *, model_spec: Mapping[str, Any] | None = None, seed: int | None = None
+) -> FinishedRun:
+    """Read a finished cell; ``model_spec`` defaults to the cell's entry in ``OUT/results.json``."""
+    cell_dir = Path(cell_dir)
+    fed_path = cell_dir / RESULT_FILE
+    try:
+        federation = json.loads(fed_path.read_text())
+        run_name, policy = str(federation.get("run_name") or cell_dir.name), str(federation["policy"])
+    except FileNotFoundError as exc:
+        raise AdaptError(f"{fed_path}: missing (is {cell_dir} a finished `fedsite simulate` cell, OUT/runs/<arm>-seed<k>?)") from exc
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        raise AdaptError(f"{fed_path}: unreadable federation result ({type(exc).__name__}: {exc})") from exc
+    if model_spec is None:
+        found = _spec_from_results(cell_dir, run_name)
+        if found is None:
+            raise AdaptError(
+                f"{cell_dir.parent.parent / 'results.json'}: no run {run_name!r} with a model spec; pass the model spec (--model JSON)"
+            )
+        model_spec, found_seed = found
+        seed = found_seed if seed is None else seed
+    if seed is None:
+        m = _SEED.search(run_name)
+        seed = int(m.group(1)) if m else 0
+    if not train_sites:
+        raise AdaptError("no training sites given")
+    model = build_model(model_spec, seed=seed)
+    fingerprint = architecture_fingerprint(model)
+    ckpt_dir = cell_dir / "checkpoints"
+    try:
+        ckpt = CheckpointStore(ckpt_dir).latest(run_name=run_name, fingerprint=fingerprint, policy=policy)
+    except RuntimeError as exc:
+        raise AdaptError(str(exc)) from exc
+    if ckpt is None:
+        raise AdaptError(f"{ckpt_dir}: no round-NNNN.pt checkpoint")
+    keys = set(model.state_dict())
+    unknown = sorted(set(ckpt.arrays) - keys)
+    if unknown:
+        raise AdaptError(f"{ckpt_dir}: checkpoint tensors not in the model: {unknown[:3]}")
+    local_keys = keys - set(ckpt.arrays)  # complete split: whatever the server does not hold stayed at the sites
+    local: dict[str, dict[str, torch.Tensor]] = {}
+    if local_keys:
+        for site in train_sites:
+            store = SiteStateStore(cell_dir / "site-state" / site, run_name, site)
+            if not store.exists():
+                have = sorted(p.name for p in (cell_dir / "site-state").iterdir()) if (cell_dir / "site-state").is_dir() else []
+                raise AdaptError(f"{store.path}: no site state for training site {site!r} (sites with state: {have})")
+            try:
+                local[site], _ = store.load(fingerprint=fingerprint, policy=policy, expected_keys=local_keys)
+            except RuntimeError as exc:
+                raise AdaptError(str(exc)) from exc
+    return FinishedRun(cell_dir, run_name, policy, int(ckpt.round), dict(model_spec), int(seed), fingerprint,
+                       dict(ckpt.arrays), local)
+
+
+def average_tensors(per_site: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Element-wise mean over sites, computed in float64; integer tensors rounded back to their dtype."""
+    if not per_site:
+        return {}
+    out = {}
+    for key in per_site[0]:
+        stack = torch.stack([site[key].detach().cpu().to(torch.float64) for site in per_site])
+        mean = stack.mean(dim=0)
+        dtype = per_site[0][key].dtype
+        out[key] = (mean.round() if not (dtype.is_floating_point or dtype.is_complex) else mean).to(dtype)
+    return out
+
+
+def average_model(run: FinishedRun) -> nn.Module:
+    """Option ``average``: global shared tensors + mean of the training sites' local tensors."""
+    model = build_model(run.model_spec, seed=run.seed)
+    state = {**run.shared, **average_tensors([run.local[s] for s in sorted(run.local)])}
+    missing = sorted(set(model.state_dict()) - set(state))
+    if missing:
+        raise AdaptError(f"{run.cell_dir}: no tensor for {missing[:3]} (neither in the checkpoint nor in the site states)")
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- adaptation
+
+
+def adabn_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """BatchNorm-type layers with running statistics, by module name (Switchable Norm excluded)."""
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SwitchNorm):
+            continue
+        if isinstance(module, (_BatchNorm, _InstanceNorm)) and module.track_running_stats and module.running_mean is not None:
+            layers[name] = module
+        elif isinstance(module, BatchInstanceNorm):
+            layers[name] = module
+    return layers
+
+
+def _batches(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Images in order, in ceil(N / batch_size) near-equal batches (sizes differ by at most one)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(images) == 0:
+        raise ValueError("no images to adapt on")
+    return list(torch.tensor_split(images, math.ceil(len(images) / batch_size)))
+
+
+def _reset(module: nn.Module) -> None:
+    if hasattr(module, "reset_running_stats"):
+        module.reset_running_stats()
+        return
+    module.running_mean.zero_()
+    module.running_var.fill_(1.0)
+    if getattr(module, "num_batches_tracked", None) is not None:
+        module.num_batches_tracked.zero_()
+
+
+@torch.no_grad()
+def adabn(model: nn.Module, images: torch.Tensor, batch_size: int = 8, device: str = "cpu") -> list[str]:
+    """Re-estimate BN-type running statistics on ``images`` in place; returns the keys allowed to change."""
+    roles = tensor_roles(model)
+    layers = adabn_layers(model)
+    allowed = sorted(
+        key
+        for key, role in roles.items()
+        if role == TensorRole.STATISTIC and key.rsplit(".", 1)[0] in layers
+    )
+    if not layers:
+        return []
+    dev = resolve_device(device)
+    model.to(dev)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    modes = {m: m.training for m in model.modules()}
+    momenta = {name: m.momentum for name, m in layers.items()}
+    try:
+        for m in layers.values():
+            _reset(m)
+            m.momentum = None  # cumulative average: every batch weighs the same
+        model.train()
+        for k, batch in enumerate(_batches(images, batch_size), 1):
+            for m in layers.values():
+                if isinstance(m, _InstanceNorm):  # F.instance_norm ignores momentum=None: give it 1/k
+                    m.momentum = 1.0 / k
+            model(batch.to(dev))
+    finally:
+        for name, m in layers.items():
+            m.momentum = momenta[name]
+        for module, training in modes.items():
+            module.training = training
+    keep = set(allowed)
+    state = model.state_dict()
+    for key, value in before.items():  # train mode may have moved other buffers (e.g. Switchable Norm's): undo
+        if key not in keep:
+            state[key].copy_(value)
+    return allowed
+
+
+def sn_batch_average(model: nn.Module, images: torch.Tensor, batch_size: int = 8, mode: str = "mean", device: str = "cpu") -> int:
+    """Switchable Norm's BN-branch statistics as the batch average over ``images``; returns the layers changed."""
+    layers = [m for m in model.modules() if isinstance(m, SwitchNorm) and m.using_bn]
+    if not layers:
+        return 0
+    model.to(resolve_device(device))
+    batches = _batches(images, batch_size)
+    recompute_sn_bn_stats(model, batches, num_batches=len(batches), mode=mode)
+    return len(layers)
+
+
+# ---------------------------------------------------------------- the new site's images
+
+
+@dataclass
+class NewSite:
+    """All images of the new site (adaptation) and its labelled subset (scoring)."""
+
+    root: Path
+    names: tuple[str, ...]
+    images: torch.Tensor  # (N, 1, *S)
+    labelled: tuple[str, ...]
+    label_images: torch.Tensor  # (M, 1, *S), M <= N
+    labels: torch.Tensor  # (M, 1, *S)
+
+
+def load_new_site(site_dir: str | Path, *, intensity: str = "zscore", spatial_shape: Sequence[int] | None = None) -> NewSite:
+    """``SITE/images/*.nii.gz`` (required) and whichever ``SITE/labels/*.nii.gz`` exist."""
+    site_dir = Path(site_dir)
+    images_dir, labels_dir = site_dir / "images", site_dir / "labels"
+    if not images_dir.is_dir():
+        raise DataError(f"{images_dir}: missing folder (the new site needs images/; labels/ is optional)")
+    if intensity not in ("zscore", "none"):
+        raise ValueError(f"intensity must be 'zscore' or 'none', got {intensity!r}")
+    images = _scan(images_dir)
+    labels = _scan(labels_dir) if labels_dir.is_dir() else {}
+    if not images:
+        raise DataError(f"{images_dir}: no .nii/.nii.gz images")
+    for name, path in labels.items():
+        if name not in images:
+            raise DataError(f"{path}: label without an image in {images_dir}")
+    arrays: dict[str, np.ndarray] = {}
+    label_arrays: dict[str, np.ndarray] = {}
+    for name, path in sorted(images.items()):
+        if name in labels:
+            case = _read_case(name, path, labels[name], intensity)  # checks the pair, z-scores
+            arrays[name], label_arrays[name] = case.image, case.label
+        else:
+            image = _read(path, "image")
+            if not np.isfinite(image).all():
+                raise DataError(f"{path}: image contains NaN/Inf")
+            arrays[name] = convert_to_numpy(NormalizeIntensity()(image), dtype=np.float32) if intensity == "zscore" else image
+    dims = {a.ndim - 1 for a in arrays.values()}
+    if len(dims) > 1:
+        raise DataError(f"{site_dir}: mixes 2D and 3D images")
+    (ndim,) = dims
+    shape = tuple(int(s) for s in spatial_shape) if spatial_shape else tuple(max(a.shape[1 + d] for a in arrays.values()) for d in range(ndim))
+    resize = ResizeWithPadOrCrop(shape)
+
+    def fit(a: np.ndarray, dtype) -> np.ndarray:
+        return a if a.shape[1:] == shape else convert_to_numpy(resize(a), dtype=dtype)
+
+    names = tuple(sorted(arrays))
+    labelled = tuple(n for n in names if n in label_arrays)
+    x = np.stack([fit(arrays[n], np.float32) for n in names])
+    if labelled:
+        lx, ly = to_batch_tensors(np.stack([fit(arrays[n], np.float32) for n in labelled]),
+                                  np.stack([fit(label_arrays[n], np.int64) for n in labelled]))
+    else:
+        lx, ly = torch.zeros((0, 1, *shape)), torch.zeros((0, 1, *shape), dtype=torch.int64)
+    return NewSite(site_dir, names, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), labelled, lx, ly)
+
+
+# ---------------------------------------------------------------- public API
+
+
+def adapt_models(
+    run: FinishedRun, site: NewSite, options: Sequence[str] = OPTIONS, *, batch_size: int = 8, device: str = "cpu", sn_mode: str = "mean"
+) -> dict[str, tuple[nn.Module | None, dict[str, Any]]]:
+    """Option -> (model or None if not applicable, info) for the new site."""
+    unknown = [o for o in options if o not in OPTIONS]
+    if unknown:
+        raise ValueError(f"unknown adaptation option(s) {unknown} (known: {', '.join(OPTIONS)})")
+    out: dict[str, tuple[nn.Module | None, dict[str, Any]]] = {}
+    base = average_model(run)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    for option in options:
+        model = average_model(run)
+        info: dict[str, Any] = {}
+        if option == "adabn":
+            keys = adabn(model, site.images, batch_size, device)
+            if not keys:
+                out[option] = (None, {"skipped": "the model has no BatchNorm-type layer with running statistics"})
+                continue
+            info["batches"] = math.ceil(len(site.images) / batch_size)
+        elif option == "sn-batch-average":
+            layers = sn_batch_average(model, site.images, batch_size, sn_mode, device)
+            if not layers:
+                out[option] = (None, {"skipped": "the model has no Switchable Norm layer with a BN branch"})
+                continue
+            info["batches"] = math.ceil(len(site.images) / batch_size)
+            info["sn_layers"] = layers
+        state = model.state_dict()
+        info["changed_tensors"] = sum(not torch.equal(state[k].cpu(), base_state[k]) for k in base_state)
+        out[option] = (model.eval(), info)
+    return out
+
+
+def adapt_and_score(
+    cell_dir: str | Path,
+    train_sites: Sequence[str],
+    site_dir: str | Path,
+    options: Sequence[str] = OPTIONS,
+    *,
+    model_spec: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    intensity: str = "zscore",
+    spatial_shape: Sequence[int] | None = None,
+    sn_mode: str = "mean",
+    save_dir: str | Path | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Option -> {"dice", "n", ...}: Dice of each option's model on the new site's labelled cases.
+
+    ``dice`` is None when the site has no labels (``n`` = 0) or the option does not
+    apply to the model (then ``skipped`` says why). Also per-class Dice, the number
+    of tensors that differ from ``average`` and the batches used.
+    """
+    run = load_finished_run(cell_dir, list(train_sites), model_spec=model_spec, seed=seed)
+    site = load_new_site(site_dir, intensity=intensity, spatial_shape=spatial_shape)
+    num_classes = int(model_config(run.model_spec).out_channels)
+    results: dict[str, dict[str, Any]] = {}
+    for option, (model, info) in adapt_models(run, site, options, batch_size=batch_size, device=device, sn_mode=sn_mode).items():
+        entry: dict[str, Any] = {"dice": None, "n": len(site.labelled), "n_images": len(site.images), **info}
+        if model is not None and site.labelled:
+            report = evaluate_dice(model, site.label_images, site.labels, num_classes, device)
+            entry["dice"] = report.dice
+            entry["per_class"] = list(report.per_class)
+        if model is not None and save_dir is not None:
+            path = Path(save_dir) / f"{option}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": run.model_spec, "option": option, "run": run.run_name,
+                        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
+            entry["saved"] = str(path)
+        results[option] = entry
+    return results
+
+
+# ---------------------------------------------------------------- CLI: fedsite adapt
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", type=Path, required=True, help="a finished cell: OUT/runs/<arm>-seed<k>")
+    parser.add_argument("--train-sites", help="comma-separated training sites whose local state is averaged (default: the federation's sites)")
+    parser.add_argument("--site-dir", type=Path, required=True, help="the new site: SITE/images/*.nii.gz (+ optional SITE/labels/ for scoring)")
+    parser.add_argument("--options", default=",".join(OPTIONS), help=f"comma-separated, from: {', '.join(OPTIONS)}")
+    parser.add_argument("--model", help="model spec as JSON (default: the cell's entry in OUT/results.json)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass when re-estimating statistics")
+    parser.add_argument("--intensity", choices=("zscore", "none"), default="zscore", help="per-image intensity normalization (as in training)")
+    parser.add_argument("--sn-mode", choices=("mean", "pooled"), default="mean", help="Switchable Norm batch average: mean of batch variances or pooled")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+    parser.add_argument("--save-dir", type=Path, help="write each option's state_dict to DIR/<option>.pt")
+    parser.add_argument("--out", type=Path, help="write the scores as JSON to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    options = [o.strip() for o in args.options.split(",") if o.strip()]
+    try:
+        spec = json.loads(args.model) if args.model else None
+        if args.train_sites:
+            train_sites = [s.strip() for s in args.train_sites.split(",") if s.strip()]
+        else:
+            train_sites = list(json.loads((args.run / RESULT_FILE).read_text()).get("sites", []))
+        results = adapt_and_score(
+            args.run, train_sites, args.site_dir, options, model_spec=spec, batch_size=args.batch_size, device=args.device,
+            intensity=args.intensity, sn_mode=args.sn_mode, save_dir=args.save_dir,
+        )
+    except (AdaptError, DataError, ValueError, OSError) as exc:
+        print(f"fedsite adapt: {exc}", file=sys.stderr)
+        return 2
+    print(f"fedsite adapt: {args.site_dir} from {args.run} (training sites {', '.join(train_sites)})")
+    print(f"{'option':<18} {'Dice':>7} {'n':>4}  note")
+    for option, r in results.items():
+        dice = f"{r['dice']:.4f}" if r["dice"] is not None else "-"
+        note = r.get("skipped") or (f"{r['changed_tensors']} tensors differ from average" if option != "average" else "")
+        print(f"{option:<18} {dice:>7} {r['n']:>4}  {note}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"run": str(args.run), "train_sites": train_sites, "site_dir": str(args.site_dir), "options": results}
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"scores: {args.out}")
+    return 0
