@@ -101,22 +101,28 @@ def online_targets(grid: Grid, nodes: list[int], quorum: int, wait_seconds: floa
 
 def collect_replies(
     grid: Grid, messages: list[Message], timeout: float, quorum: int, grace: float, poll: float = 0.5
-) -> tuple[list[Message], int]:
+) -> tuple[list[Message], list[int]]:
     """Push ``messages`` and pull replies until all arrived, or ``grace`` seconds after
     ``quorum`` successful replies (``grace`` < 0: no early close), or ``timeout``.
 
     A node that dies mid-round comes back as an error reply (Flower's
-    NODE_UNAVAILABLE, after 2 missed heartbeats); returns the replies and how many
-    messages got none.
+    NODE_UNAVAILABLE, after 2 missed heartbeats) whose source is the SuperLink,
+    so every reply's ``src_node_id`` is set to the node the message went to.
+    Returns the replies and the nodes that sent none.
     """
-    pending = {mid for mid in grid.push_messages(messages) if mid}
-    unsent = len(messages) - len(pending)
+    targets = [m.metadata.dst_node_id for m in messages]
+    ids = list(grid.push_messages(messages))
+    origin = {mid: node for mid, node in zip(ids, targets) if mid}
+    pending = set(origin)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     quorum_at = None
     while pending:
         for reply in grid.pull_messages(list(pending)):
-            pending.discard(reply.metadata.reply_to_message_id)
+            mid = reply.metadata.reply_to_message_id
+            pending.discard(mid)
+            if mid in origin and reply.metadata.src_node_id != origin[mid]:
+                reply.metadata.__dict__["_src_node_id"] = origin[mid]  # a SuperLink error reply: name the node
             replies.append(reply)
         now = time.monotonic()
         if quorum_at is None and sum(not r.has_error() for r in replies) >= quorum:
@@ -124,7 +130,7 @@ def collect_replies(
         if not pending or now >= deadline or (grace >= 0 and quorum_at is not None and now - quorum_at >= grace):
             break
         time.sleep(poll)
-    return replies, len(pending) + unsent
+    return replies, sorted({origin[m] for m in pending} | {n for n, mid in zip(targets, ids) if not mid})
 
 
 def _messages(record: RecordDict, node_ids: Iterable[int], message_type: str) -> list[Message]:
@@ -132,7 +138,11 @@ def _messages(record: RecordDict, node_ids: Iterable[int], message_type: str) ->
 
 
 def _site_of(reply: Message, sites: dict[int, str]) -> str:
-    return sites.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+    return _site_of_node(reply.metadata.src_node_id, sites)
+
+
+def _site_of_node(node: int, sites: dict[int, str]) -> str:
+    return sites.get(node, f"node-{node}")
 
 
 def discover_sites(grid: Grid, node_ids: list[int], config: dict[str, Any], timeout: float) -> dict[int, dict[str, Any]]:
@@ -269,7 +279,7 @@ def run_federation(grid: Grid, cfg: ServerRunConfig) -> FederationResult:
             "train_loss": {_site_of(r, sites): float(r.content[R.METRICS].get(R.LOSS, float("nan"))) for r in replies},
             "rejected": {rej.site: rej.reason for rej in rejections},
             "failed": sorted(_site_of(r, sites) for r in raw if r.has_error()),
-            "no_reply": missing,
+            "no_reply": sorted(_site_of_node(n, sites) for n in missing),
             "offline": sorted(sites[n] for n in train_nodes if n not in targets),
         }
         t_agg = time.perf_counter()

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -129,6 +130,8 @@ def http_get(url: str, timeout: float = 10.0) -> tuple[int, str]:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+    except (urllib.error.URLError, OSError):  # not listening (yet)
+        return 0, ""
 
 
 def make_federation(root: Path, sites: list[str], rogue: str | None, federation: dict[str, Any], heartbeat: float = 10.0) -> dict[str, Any]:

@@ -75,6 +75,29 @@ def test_fedbn_simulation_no_local_key_leaves_a_site(tmp_path, spy_replies):
     assert "| fedbn |" in (out / "results.md").read_text()
     # One checkpoint per round, atomically written.
     assert sorted(p.name for p in (out / "runs" / "fedbn-seed0" / "checkpoints").iterdir()) == ["round-0001.pt", "round-0002.pt"]
+    # The report page and its figures.
+    for name in ("report.md", "results.csv", "dice_per_round.png", "dice_per_site.png", "examples.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "hd95" in run["per_site"]["site-a"]
+
+
+def test_finished_cells_are_not_rerun(tmp_path, monkeypatch):
+    import simulations.engine
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY.replace("rounds: 2", "rounds: 1"))
+    out = tmp_path / "out"
+    assert main(["simulate", "--config", str(config), "--out", str(out)]) == 0
+    first = json.loads((out / "results.json").read_text())["runs"]
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setattr(simulations.engine, "run_simulated_federation", must_not_run)
+    assert main(["simulate", "--config", str(config), "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["runs"] == first
+    # A changed configuration is a different cell: it must run (and here it fails loudly).
+    assert main(["simulate", "--config", str(config), "--out", str(out), "--lr", "0.02"]) == 1
 
 
 def _write_foreign_dataset(root, sites=("hospital-x", "hospital-y"), shape=(91, 109), cases=6):

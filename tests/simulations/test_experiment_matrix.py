@@ -1,0 +1,51 @@
+"""Experiment matrix expansion and flag overrides (no federation runs here)."""
+
+import pytest
+
+from shared_models.config import ConfigError, from_dict
+from simulations.experiment import ExperimentConfig, load_experiment, with_overrides
+
+MATRIX = {
+    "model": {"name": "unet", "channels": [8, 16], "norm": "batch"},
+    "datasets": {"synthetic": {}, "mine": {"dir": "/data/x"}},
+    "models": [{"name": "unet"}, {"name": "segnetr"}],
+    "norms": ["batch", "iln"],
+    "methods": ["fedavg", "fedbn"],
+    "arms": [{"name": "sn-fedbn", "method": "fedbn", "model": {"norm": "switchable"}, "policy-overrides": {"mixing": "local"}}],
+    "seeds": [0, 1, 2],
+}
+
+
+def test_matrix_is_the_full_product_in_a_stable_order():
+    cfg = from_dict(ExperimentConfig, MATRIX)
+    cells = cfg.cells()
+    assert len(cells) == 2 * 2 * 2 * 3 * 3
+    assert len({(c.dataset, c.name) for c in cells}) == len(cells)  # every cell has its own folder
+    first = cells[0]
+    assert (first.dataset, first.label, first.seed) == ("synthetic", "fedavg-unet-batch", 0)
+    assert first.model == {"name": "unet", "channels": [8, 16], "norm": "batch"}
+    sn = [c for c in cells if c.arm.name == "sn-fedbn"]
+    # The arm's own model override wins over the norm axis (it is what the arm studies).
+    assert {c.model["norm"] for c in sn} == {"switchable"}
+    assert {c.model["name"] for c in cells} == {"unet", "segnetr"}
+    assert cells == cfg.cells()
+
+
+def test_single_axis_values_stay_out_of_the_labels():
+    cfg = load_experiment(None)
+    assert [c.name for c in cfg.cells()][:2] == ["local-seed0", "local-seed1"]
+    assert {c.dataset for c in cfg.cells()} == {"data"}
+
+
+def test_flags_override_the_file():
+    cfg = with_overrides(load_experiment(None), methods=("fedbn",), seeds=(3,), norm="iln", model_name="unet", data_dir="/x")
+    assert [c.name for c in cfg.cells()] == ["fedbn-seed3"]
+    assert cfg.cells()[0].model["norm"] == "iln"
+    assert cfg.data.dir == "/x" and cfg.all_datasets == {"data": cfg.data}
+
+
+def test_duplicate_arm_names_and_unknown_methods_are_rejected():
+    with pytest.raises(ConfigError, match="duplicate arm"):
+        from_dict(ExperimentConfig, {"methods": ["fedbn"], "arms": [{"method": "fedbn"}]})
+    with pytest.raises(ConfigError, match="unknown method 'fedbm'"):
+        from_dict(ExperimentConfig, {"arms": [{"method": "fedbm"}]})
