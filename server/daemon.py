@@ -255,7 +255,8 @@ def _public_pem(public_key_file: Path) -> str:
 
 
 def sync_sites(control: Control, sites: dict[str, Path]) -> dict[str, int]:
-    """Register every provisioned key; unregister a site's previous key after rotation."""
+    """Register every provisioned key; unregister a rotated-out key and the keys of sites
+    removed from server.yaml (only nodes this daemon named; manual registrations stay)."""
     registered = {n.public_key.strip(): n for n in control.nodes() if n.status != "unregistered"}
     ids = {}
     for site, key_file in sites.items():
@@ -269,6 +270,10 @@ def sync_sites(control: Control, sites: dict[str, Path]) -> dict[str, int]:
                 control.unregister(int(node.node_id))
         ids[site] = control.register(key_file, site)
         _say(f"site {site}: key registered (node {ids[site]})")
+    for node in registered.values():
+        if node.name and node.name not in sites and int(node.node_id) not in ids.values():
+            _say(f"site {node.name}: no longer in server.yaml, unregistering its key (node {node.node_id})")
+            control.unregister(int(node.node_id))
     return ids
 
 

@@ -28,6 +28,10 @@ def _std(values: list[float]) -> float:
     return statistics.stdev(finite) if len(finite) > 1 else 0.0
 
 
+def _as_float(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
 def _site_values(runs: list[dict[str, Any]], site: str, key: str) -> list[float]:
     return [float(r["per_site"].get(site, {}).get(key, float("nan"))) for r in runs]
 
@@ -119,7 +123,7 @@ def holdout_table(results: dict[str, Any]) -> str:
         mine = [r for r in runs if r["method"] == method]
         cells = []
         for option in options:
-            values = [float(r["holdout"].get(option, {}).get("dice", float("nan"))) for r in mine]
+            values = [_as_float(r["holdout"].get(option, {}).get("dice")) for r in mine]  # None = option not applicable
             cells.append(f"{_mean(values):.3f} ± {_std(values):.3f}" if any(math.isfinite(v) for v in values) else "n/a")
         rows.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

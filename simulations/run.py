@@ -185,7 +185,9 @@ def run_cell(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Path, si
     if cfg.holdout:
         from .adapt import adapt_and_score
 
-        run["holdout"] = {"site": cfg.holdout, **adapt_and_score(cell_dir, train_sites, root / cfg.holdout, list(cfg.adapt_options))}
+        scores = adapt_and_score(cell_dir, train_sites, root / cfg.holdout, list(cfg.adapt_options),
+                                 model_spec=cell.model, seed=cell.seed, intensity=data.intensity)
+        run["holdout"] = {"site": cfg.holdout, **scores}
     atomic_write_text(cell_dir / CELL_RECORD, json.dumps({"run_config": run_config, "run": run}, indent=2))
     return run, False
 
