@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench results clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/fedsite bench --out runs/bench
+
+# The reference experiments behind simulations/RESULTS.md (about an hour on 2 CPU cores).
+results: setup
+	$(VENV)/bin/fedsite reproduce --out runs/reproduce
 
 clean:
 	rm -rf runs .fedsite

@@ -257,7 +257,10 @@ def _public_pem(public_key_file: Path) -> str:
 def sync_sites(control: Control, sites: dict[str, Path]) -> dict[str, int]:
     """Register every provisioned key; unregister a rotated-out key and the keys of sites
     removed from server.yaml (only nodes this daemon named; manual registrations stay)."""
-    registered = {n.public_key.strip(): n for n in control.nodes() if n.status != "unregistered"}
+    def text(key: bytes | str) -> str:
+        return (key.decode() if isinstance(key, bytes) else key).strip()
+
+    registered = {text(n.public_key): n for n in control.nodes() if n.status != "unregistered"}
     ids = {}
     for site, key_file in sites.items():
         pem = _public_pem(key_file).strip()
@@ -480,8 +483,14 @@ def _poll_nodes(control: Control, state: dict[str, Any]) -> None:
 
 
 def _wait_for_run(control: Control, link: SuperLink, run_id: int, state: dict[str, Any], poll: float = 2.0) -> Any:
-    """The run's final status; fails if the SuperLink dies meanwhile."""
+    """The run's final status; fails if the SuperLink dies meanwhile.
+
+    Meanwhile it echoes the round loop's log lines (ServerApp output lands in the
+    SuperLink's log) so the operator sees rounds, rejections and resumption.
+    """
+    offset = link.log_path.stat().st_size if link.log_path.exists() else 0
     while True:
+        offset = _echo_fedsite_lines(link.log_path, offset)
         if not link.alive():
             raise DaemonError(f"the SuperLink exited with code {link.proc.returncode} during run {run_id}; see {link.log_path}")
         try:
@@ -494,6 +503,20 @@ def _wait_for_run(control: Control, link: SuperLink, run_id: int, state: dict[st
             return status
         _poll_nodes(control, state)
         time.sleep(poll)
+
+
+def _echo_fedsite_lines(path: Path, offset: int) -> int:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            chunk = fh.read()
+    except OSError:
+        return offset
+    end = chunk.rfind(b"\n") + 1
+    for line in chunk[:end].decode(errors="replace").splitlines():
+        if " fedsite." in line:
+            print(line, flush=True)
+    return offset + end
 
 
 class _NodesCollector:

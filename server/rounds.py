@@ -121,7 +121,7 @@ def collect_replies(
         for reply in grid.pull_messages(list(pending)):
             mid = reply.metadata.reply_to_message_id
             pending.discard(mid)
-            if mid in origin and reply.metadata.src_node_id != origin[mid]:
+            if reply.has_error() and mid in origin and reply.metadata.src_node_id != origin[mid]:
                 reply.metadata.__dict__["_src_node_id"] = origin[mid]  # a SuperLink error reply: name the node
             replies.append(reply)
         now = time.monotonic()
@@ -207,8 +207,20 @@ def _log_failures(replies: list[Message], sites: dict[int, str], phase: str, rnd
     return ok
 
 
+def _ensure_logging() -> None:
+    """In Flower's ServerApp process nothing configures logging: show our progress."""
+    fedsite = logging.getLogger("fedsite")
+    if not fedsite.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        fedsite.addHandler(handler)
+        fedsite.setLevel(logging.INFO)
+        fedsite.propagate = False
+
+
 def run_federation(grid: Grid, cfg: ServerRunConfig) -> FederationResult:
     """Run ``cfg.num_rounds`` rounds (resuming after the last checkpoint if any)."""
+    _ensure_logging()
     started = time.perf_counter()
     policy = Policy.parse(cfg.policy, json.loads(cfg.policy_overrides))
     model = build_model(cfg.model_spec, seed=cfg.seed)

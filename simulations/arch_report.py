@@ -29,6 +29,8 @@ from typing import Any
 
 from shared_models.durable import atomic_write_text
 
+from .cells import Cell
+
 JSON_FILE, MD_FILE = "architectures.json", "architectures.md"
 FEDERATION = "federation"
 
@@ -41,54 +43,24 @@ def _is_arch_key(key: str) -> bool:
     return key.endswith((".alpha", ".beta"))
 
 
-def run_architectures(cell_dir: Path, run_name: str, spec: dict[str, Any], sites: list[str], policy: str) -> dict[str, Any]:
+def run_architectures(cell: Cell, sites: list[str]) -> dict[str, Any]:
     """``{"round", "arch_local", "loaded_site", "architectures": {FEDERATION or site: summary}}`` of one run."""
-    from client.exchange import load_local
-    from client.site_state import SiteStateStore
-    from server.checkpoint import CheckpointStore
-    from shared_models import architecture_fingerprint, build_model
     from shared_models.nets.uxnet import architecture_summary
 
-    model = build_model(spec)
-    fingerprint = architecture_fingerprint(model)
-    ckpt = CheckpointStore(cell_dir / "checkpoints").latest(run_name=run_name, fingerprint=fingerprint, policy=policy)
-    if ckpt is None:
-        raise FileNotFoundError(f"{cell_dir / 'checkpoints'}: no server checkpoint for run {run_name!r}")
-    base = model.state_dict()
-    unknown = sorted(set(ckpt.arrays) - set(base))
-    if unknown:
-        raise ValueError(f"{cell_dir}: checkpoint holds tensors the model lacks ({unknown[:3]})")
-    local_keys = set(base) - set(ckpt.arrays)  # the partition covers every key once
-    arch_local = any(_is_arch_key(k) for k in local_keys)
-
-    def load(site: str | None) -> bool:
-        state = dict(base)
-        for key, value in ckpt.arrays.items():
-            state[key] = value.reshape(base[key].shape).to(base[key].dtype)
-        model.load_state_dict(state, strict=True)
-        if site is None or not local_keys:
-            return True
-        store = SiteStateStore(cell_dir / "site-state" / site, run_name, site)
-        if not store.exists():
-            return False
-        tensors, _ = store.load(fingerprint=fingerprint, policy=policy, expected_keys=local_keys)
-        load_local(model, tensors)
-        return True
-
+    _, split, fingerprint = cell.build()
+    arch_local = any(_is_arch_key(k) for k in split.local)
+    with_state = [s for s in sites if not split.local or cell.site_store(s).exists()]
+    for site in sorted(set(sites) - set(with_state)):
+        print(f"arch_report: {cell.path}: no site state for {site}; skipped", file=sys.stderr)
     found: dict[str, Any] = {}
     loaded_site = None
     if arch_local:
-        for site in sites:
-            if load(site):
-                found[site] = architecture_summary(model)
-            else:
-                print(f"arch_report: {cell_dir}: no site state for {site}; skipped", file=sys.stderr)
-    else:
-        loaded_site = next((s for s in sites if local_keys and load(s)), None)
-        if loaded_site is None:
-            load(None)
-        found[FEDERATION] = architecture_summary(model)
-    return {"round": ckpt.round, "arch_local": arch_local, "loaded_site": loaded_site, "architectures": found}
+        for site in with_state:
+            found[site] = architecture_summary(cell.personalised_model(site))
+    elif with_state:
+        loaded_site = with_state[0] if split.local else None
+        found[FEDERATION] = architecture_summary(cell.personalised_model(with_state[0]))
+    return {"round": cell.checkpoint(fingerprint).round, "arch_local": arch_local, "loaded_site": loaded_site, "architectures": found}
 
 
 def collect(out: Path, results: dict[str, Any]) -> dict[str, Any]:
@@ -98,10 +70,10 @@ def collect(out: Path, results: dict[str, Any]) -> dict[str, Any]:
         if not uses_uxnet(run["model"]):
             continue
         run_name = f"{run['method']}-seed{run['seed']}"
-        cell = out / "runs" / run_name
+        cell = Cell(out / "runs" / run_name)
         try:
-            policy = json.loads((cell / "federation.json").read_text())["policy"]
-            entry = run_architectures(cell, run_name, run["model"], list(results["sites"]), policy)
+            policy = cell.policy.name
+            entry = run_architectures(cell, list(results["sites"]))
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             print(f"arch_report: {run_name} skipped: {exc}", file=sys.stderr)
             continue

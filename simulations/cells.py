@@ -19,7 +19,7 @@ from torch import nn
 
 from client.exchange import load_local
 from client.site_state import SiteStateStore
-from server.checkpoint import CheckpointStore
+from server.checkpoint import CheckpointStore, ServerCheckpoint
 from server.run_config import ServerRunConfig
 from shared_models import architecture_fingerprint, build_model, partition
 from shared_models.partition import Policy, Split
@@ -36,7 +36,10 @@ class Cell:
         file = self.path / "federation.json"
         if not file.exists():
             raise FileNotFoundError(f"{file}: no finished federation here")
-        return json.loads(file.read_text())
+        result = json.loads(file.read_text())
+        if "config" not in result:
+            raise ValueError(f"{file}: written by an older fedsite without its run config; run the cell again")
+        return result
 
     @cached_property
     def config(self) -> ServerRunConfig:
@@ -58,12 +61,16 @@ class Cell:
         model = build_model(self.model_spec(), seed=self.config.seed)
         return model, partition(model, self.policy), architecture_fingerprint(model)
 
-    def global_tensors(self, fingerprint: str) -> dict[str, torch.Tensor]:
+    def checkpoint(self, fingerprint: str) -> ServerCheckpoint:
+        """The last server checkpoint (global shared tensors after the final round)."""
         store = CheckpointStore(self.path / "checkpoints")
         ckpt = store.latest(run_name=self.config.run_name, fingerprint=fingerprint, policy=self.policy.name)
         if ckpt is None:
             raise FileNotFoundError(f"{self.path / 'checkpoints'}: no checkpoint")
-        return ckpt.arrays
+        return ckpt
+
+    def global_tensors(self, fingerprint: str) -> dict[str, torch.Tensor]:
+        return self.checkpoint(fingerprint).arrays
 
     def site_store(self, site: str) -> SiteStateStore:
         return SiteStateStore(Path(self.config.state_dir) / site, self.config.run_name, site)

@@ -18,6 +18,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulations.run", "run a federated domain-shift experiment on Flower's simulation engine"),
+    "reproduce": ("simulations.reproduce", "run the reference experiments (simulations/configs) and rewrite simulations/RESULTS.md"),
     "synth": ("simulations.synth_cli", "write the synthetic multi-site domain-shift dataset to disk"),
     "bench": ("simulations.bench", "measure the training loop and the simulation engine against plain PyTorch"),
     "bench-norms": ("simulations.bench_norms", "time each registered norm against BatchNorm (2D and 3D) and DualNorm-UNet against the UNet"),

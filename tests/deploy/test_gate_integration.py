@@ -11,6 +11,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 from flwr.app import Array, Context, Message, RecordDict
 
 from client.app import app as client_app
@@ -19,6 +20,8 @@ from server.rounds import run_federation
 from server.run_config import ServerRunConfig
 from simulations.domain_shift import DEFAULT_PROFILES, generate_dataset
 from tests.helpers import set_task_identity
+
+pytestmark = pytest.mark.slow
 
 SITES = [p.name for p in DEFAULT_PROFILES[:3]]
 BAD = SITES[1]

@@ -10,6 +10,7 @@ from shared_models import architecture_fingerprint, build_model, partition
 from shared_models.nets.uxnet import DecoderNode, SearchBlock, derive_architecture
 from shared_models.partition import Policy
 from simulations.arch_report import FEDERATION, write_arch_report
+from tests.helpers import write_federation_json
 
 SPEC = {"name": "uxnet", "channels": [4, 8, 16], "spatial-dims": 2, "in-channels": 1, "out-channels": 2}
 SITES = ["site-a", "site-b"]
@@ -44,7 +45,7 @@ def _write_run(out, run_name, policy_name, site_shift):
         expected[site] = derive_architecture(model)
         local = {k: v.clone() for k, v in model.state_dict().items() if k in split.local}
         SiteStateStore(cell / "site-state" / site, run_name, site).save(local, fingerprint=fingerprint, policy=policy.name, round_=5)
-    (cell / "federation.json").write_text(json.dumps({"policy": policy.name}))
+    write_federation_json(cell, run_name, policy.name, SPEC, SITES)
     return expected
 
 
