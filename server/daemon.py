@@ -39,6 +39,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -450,6 +451,7 @@ def serve(cfg: ServerConfig, base: Path) -> int:
         (out_dir / "federation.json").unlink(missing_ok=True)
         run_id = control.start(app_dir)
         state["run_id"], state["status"] = run_id, "running"
+        follow_run_log(link, run_id)
         _say(f"run {run_id} submitted: {cfg.federation.rounds} rounds, policy {cfg.federation.policy}, strategy {cfg.federation.strategy}, out-dir {out_dir}")
         status = _wait_for_run(control, link, run_id, state)
         state["status"] = f"{status.status}:{status.sub_status}"
@@ -483,14 +485,8 @@ def _poll_nodes(control: Control, state: dict[str, Any]) -> None:
 
 
 def _wait_for_run(control: Control, link: SuperLink, run_id: int, state: dict[str, Any], poll: float = 2.0) -> Any:
-    """The run's final status; fails if the SuperLink dies meanwhile.
-
-    Meanwhile it echoes the round loop's log lines (ServerApp output lands in the
-    SuperLink's log) so the operator sees rounds, rejections and resumption.
-    """
-    offset = link.log_path.stat().st_size if link.log_path.exists() else 0
+    """The run's final status; fails if the SuperLink dies meanwhile."""
     while True:
-        offset = _echo_fedsite_lines(link.log_path, offset)
         if not link.alive():
             raise DaemonError(f"the SuperLink exited with code {link.proc.returncode} during run {run_id}; see {link.log_path}")
         try:
@@ -505,18 +501,23 @@ def _wait_for_run(control: Control, link: SuperLink, run_id: int, state: dict[st
         time.sleep(poll)
 
 
-def _echo_fedsite_lines(path: Path, offset: int) -> int:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            chunk = fh.read()
-    except OSError:
-        return offset
-    end = chunk.rfind(b"\n") + 1
-    for line in chunk[:end].decode(errors="replace").splitlines():
-        if " fedsite." in line:
-            print(line, flush=True)
-    return offset + end
+def follow_run_log(link: SuperLink, run_id: int) -> None:
+    """Echo the round loop's own log lines (the ServerApp's output goes to the
+    SuperLink's run log, what ``flwr log RUN_ID`` shows), on a daemon thread."""
+
+    def follow() -> None:
+        from flwr.proto.control_pb2 import StreamLogsRequest
+
+        try:
+            control = Control(link.address, link.ca)
+            for res in control.client.StreamLogs(StreamLogsRequest(run_id=run_id, after_timestamp=0.0)):
+                for line in res.log_output.splitlines():
+                    if " fedsite." in line:
+                        print(line, flush=True)
+        except Exception:  # the log is a convenience; the run status decides
+            pass
+
+    threading.Thread(target=follow, name="fedsite-run-log", daemon=True).start()
 
 
 class _NodesCollector:

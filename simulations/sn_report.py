@@ -32,6 +32,8 @@ from typing import Any
 
 from shared_models.durable import atomic_write_text
 
+from .cells import Cell
+
 BRANCHES = ("in", "ln", "bn")
 STATS = ("mean", "var")
 JSON_FILE, MD_FILE, PNG_FILE = "sn_weights.json", "sn_weights.md", "sn_weights.png"
@@ -47,39 +49,18 @@ def uses_switchable(spec: Any) -> bool:
     return spec == "switchable"
 
 
-def site_weights(cell_dir: Path, run_name: str, spec: dict[str, Any], sites: list[str], policy: str) -> tuple[dict[str, Any], bool]:
+def site_weights(cell: Cell, sites: list[str]) -> tuple[dict[str, Any], bool]:
     """``{site: {layer: {"mean": [in, ln, bn], "var": [...]}}}`` of one run, and whether the mixing was local."""
-    from client.exchange import load_local
-    from client.site_state import SiteStateStore
-    from server.checkpoint import CheckpointStore
-    from shared_models import architecture_fingerprint, build_model
     from shared_models.norms.switchable import switchable_weights
 
-    model = build_model(spec)
-    fingerprint = architecture_fingerprint(model)
-    ckpt = CheckpointStore(cell_dir / "checkpoints").latest(run_name=run_name, fingerprint=fingerprint, policy=policy)
-    if ckpt is None:
-        raise FileNotFoundError(f"{cell_dir / 'checkpoints'}: no server checkpoint for run {run_name!r}")
-    state = model.state_dict()
-    unknown = sorted(set(ckpt.arrays) - set(state))
-    if unknown:
-        raise ValueError(f"{cell_dir}: checkpoint holds tensors the model lacks ({unknown[:3]})")
-    local_keys = set(state) - set(ckpt.arrays)
-    local_mixing = any(k.endswith(("mean_weight", "var_weight")) for k in local_keys)
+    _, split, _ = cell.build()
+    local_mixing = any(k.endswith(("mean_weight", "var_weight")) for k in split.local)
     out: dict[str, Any] = {}
     for site in sites:
-        state = model.state_dict()
-        for key, value in ckpt.arrays.items():
-            state[key] = value.reshape(state[key].shape).to(state[key].dtype)
-        model.load_state_dict(state, strict=True)
-        if local_keys:
-            store = SiteStateStore(cell_dir / "site-state" / site, run_name, site)
-            if not store.exists():
-                print(f"sn_report: {store.path} missing; site {site} skipped", file=sys.stderr)
-                continue
-            tensors, _ = store.load(fingerprint=fingerprint, policy=policy, expected_keys=local_keys)
-            load_local(model, tensors)
-        out[site] = switchable_weights(model)
+        if split.local and not cell.site_store(site).exists():
+            print(f"sn_report: {cell.site_store(site).path} missing; site {site} skipped", file=sys.stderr)
+            continue
+        out[site] = switchable_weights(cell.personalised_model(site))
     return out, local_mixing
 
 
@@ -96,12 +77,11 @@ def collect(out: Path, results: dict[str, Any]) -> dict[str, Any]:
             continue
         arm, seed = run["method"], run["seed"]
         run_name = f"{arm}-seed{seed}"
-        cell = out / "runs" / run_name
-        fed = json.loads((cell / "federation.json").read_text())
-        weights, local_mixing = site_weights(cell, run_name, run["model"], sites, fed["policy"])
+        cell = Cell(out / "runs" / run_name)
+        weights, local_mixing = site_weights(cell, sites)
         entry = arms.setdefault(
             arm,
-            {"model": run["model"], "federated_method": run.get("federated_method", arm), "policy": fed["policy"],
+            {"model": run["model"], "federated_method": run.get("federated_method", arm), "policy": cell.policy.name,
              "local_mixing": local_mixing, "seeds": [], "per_run": {}},
         )
         entry["seeds"].append(seed)

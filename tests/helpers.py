@@ -39,14 +39,14 @@ def set_task_identity() -> None:
     TaskIdentity.node_id = 0
 
 
-def write_federation_json(cell_dir, run_name: str, policy: str, spec: dict, sites: list, seed: int = 0) -> None:
+def write_federation_json(cell_dir, run_name: str, policy: str, spec: dict, sites: list, seed: int = 0, overrides: dict | None = None) -> None:
     """The federation.json a finished ServerApp writes (what reports rebuild models from)."""
     import json
 
     from server.run_config import ServerRunConfig
     from shared_models.config import to_dict
 
-    config = ServerRunConfig(model=json.dumps(spec), run_name=run_name, policy=policy, seed=seed,
+    config = ServerRunConfig(model=json.dumps(spec), run_name=run_name, policy=policy, seed=seed, policy_overrides=json.dumps(overrides or {}),
                              out_dir=str(cell_dir), state_dir=str(cell_dir / "site-state"), sites=",".join(sites))
     cell_dir.mkdir(parents=True, exist_ok=True)
     (cell_dir / "federation.json").write_text(json.dumps({"policy": policy, "sites": list(sites), "config": to_dict(config)}))

@@ -39,8 +39,14 @@ Stage = Literal["baseline", "dual"]
 STAGES: tuple[str, ...] = ("baseline", "dual")
 
 
-def dualnorm_block_paths(names: Sequence[str], levels: int) -> list[str]:
-    """Module paths of the residual blocks named ``names`` in a UNet with ``levels`` levels."""
+def default_dualnorm_blocks(levels: int) -> tuple[str, ...]:
+    """Every encoder block but the deepest: the paper's ``inc, down1..down3`` at 5 levels."""
+    return ("inc",) + tuple(f"down{i}" for i in range(1, levels - 1))
+
+
+def dualnorm_block_paths(names: Sequence[str] | None, levels: int) -> list[str]:
+    """Module paths of the residual blocks named ``names`` (``None`` = the default) in a UNet with ``levels`` levels."""
+    names = default_dualnorm_blocks(levels) if names is None else names
     paths: list[str] = []
     for name in names:
         match = re.fullmatch(r"(down|up)(\d+)", name)
@@ -66,7 +72,7 @@ class DualNormUNetConfig(UNetConfig):
     baseline path (official: 0.1); ``None`` disables it.
     """
 
-    dualnorm_blocks: tuple[str, ...] = ("inc", "down1", "down2", "down3")
+    dualnorm_blocks: tuple[str, ...] | None = None  # None: every encoder block but the deepest
     reduction: int = 2
     mask_mode: Literal["soft", "hard"] = "soft"
     stage: Stage = "dual"

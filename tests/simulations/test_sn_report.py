@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+from tests.helpers import write_federation_json
+
 from client.site_state import SiteStateStore
 from server.checkpoint import CheckpointStore, ServerCheckpoint
 from shared_models import architecture_fingerprint, build_model, partition
@@ -41,7 +43,7 @@ def _fake_output(out):
             local[f"{layer}.mean_weight"], local[f"{layer}.var_weight"] = lm, lv
             expected[site][layer] = {"mean": torch.softmax(lm, 0).tolist(), "var": torch.softmax(lv, 0).tolist()}
         SiteStateStore(cell / "site-state" / site, run_name, site).save(local, fingerprint=fingerprint, policy=policy.name, round_=3)
-    (cell / "federation.json").write_text(json.dumps({"policy": policy.name}))
+    write_federation_json(cell, run_name, "fedbn", SPEC, list(LAMBDAS), overrides={"mixing": "local"})
     results = {
         "experiment": "tiny",
         "sites": list(LAMBDAS),
