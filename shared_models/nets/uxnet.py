@@ -93,6 +93,9 @@ class UXNetConfig:
     ops: tuple[str, ...] | None = None
     blocks_per_level: int = 1
     top_k: int = 2
+    # A plain top-k may drop a node's next-coarser input, leaving that decoder node
+    # dead after discretisation; True always keeps it. [UNVERIFIED: the paper's rule]
+    keep_decoder_chain: bool = False
     fixed_arch: dict[str, Any] | None = None
     search: bool = True  # supernet only: DARTS steps on alpha/beta in training_step; False freezes them
     arch_lr: float = 3e-3  # Adam lr of alpha/beta (DARTS uses 3e-4 over many more steps)
@@ -414,6 +417,10 @@ def derive_architecture(model: UXNet, top_k: int | None = None) -> dict[str, Any
             else:
                 sources, weights = list(m.inputs), m.input_weights()
                 keep = _ranked(weights)[:k]
+                if model.config.keep_decoder_chain and len(sources) > 1 and 1 not in keep:
+                    # The next-coarser feature (second in candidate_sources) replaces the
+                    # weakest kept input, so no decoder node is left dead.
+                    keep = sorted(keep[: k - 1] + [1], key=lambda i: -float(weights[i]))
                 total = float(sum(weights[i] for i in keep))
                 inputs[name] = {sources[i]: float(weights[i]) / total for i in keep}
     return {"ops": ops, "inputs": inputs}

@@ -270,3 +270,24 @@ def test_one_sample_batch_serves_both_updates():
     before_a = [p.detach().clone() for p in arch_parameters(model)]
     model.training_step(*_seg_batch(1), F.cross_entropy, _adam_step(model))
     assert all(not torch.equal(b, p) for b, p in zip(before_a, arch_parameters(model)))
+
+
+def test_keep_decoder_chain_keeps_every_decoder_node_alive():
+    import torch
+
+    from shared_models import build_model
+    from shared_models.nets.uxnet import DecoderNode, derive_architecture
+
+    for keep in (False, True):
+        model = build_model({"name": "uxnet", "channels": [4, 8, 16], "keep-decoder-chain": keep}, seed=0)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, DecoderNode):  # favour every input except the next-coarser one
+                    m.beta.fill_(5.0)
+                    m.beta[1] = -5.0
+        arch = derive_architecture(model)
+        for name, m in model.named_modules():
+            if isinstance(m, DecoderNode):
+                kept = list(arch["inputs"][name])
+                assert len(kept) == model.config.top_k
+                assert (list(m.inputs)[1] in kept) == keep
