@@ -35,10 +35,10 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-from monai.transforms import AdjustContrast, GaussianSmooth, Rand2DElastic, Rand3DElastic, RandBiasField, RandGaussianNoise, Resize
+from monai.transforms import Rand2DElastic, Rand3DElastic, Resize
 from monai.utils import convert_to_numpy
 
-from .domain_shift import DEFAULT_PROFILES, TEXTURE_STD, ScannerProfile, _clear_old, _is_current, _save, _seed, _site_seed
+from .domain_shift import DEFAULT_PROFILES, ScannerProfile, _clear_old, _is_current, _save, _seed, _site_seed, acquire
 
 CLASS_NAMES = ("background", "gray-matter", "white-matter", "csf")
 FORMAT_VERSION = 1
@@ -178,31 +178,8 @@ def render_soft(probs: np.ndarray, profile: ScannerProfile, rng: np.random.Gener
     k = probs.shape[0]
     if k > len(profile.tissue_intensity):
         raise ValueError(f"{profile.name}: {k} classes but only {len(profile.tissue_intensity)} tissue intensities")
-    shape = probs.shape[1:]
-    dims = len(shape)
     means = np.asarray(profile.tissue_intensity[:k], dtype=np.float32)
-    tissue = np.tensordot(means, probs, axes=1).astype(np.float32)  # exact for one-hot probs
-    texture = convert_to_numpy(GaussianSmooth(sigma=1.5)(rng.normal(size=(1, *shape)).astype(np.float32)))
-    texture *= TEXTURE_STD / (texture.std() + 1e-8)
-    img = (tissue[None] + texture).astype(np.float32)
-    if profile.bias_field > 0:
-        bias = RandBiasField(coeff_range=(-profile.bias_field, profile.bias_field), prob=1.0)
-        bias.set_random_state(seed=_seed(rng))
-        img = bias(img)
-    if profile.resolution < 1:
-        coarse = [max(4, round(s * profile.resolution)) for s in shape]
-        img = Resize(coarse, mode="area")(img)
-        img = Resize(shape, mode="bilinear" if dims == 2 else "trilinear", align_corners=False)(img)
-    if profile.blur_sigma > 0:
-        img = GaussianSmooth(sigma=profile.blur_sigma)(img)
-    if profile.gamma != 1.0:
-        img = AdjustContrast(gamma=profile.gamma)(img)
-    if profile.noise_std > 0:
-        noise = RandGaussianNoise(prob=1.0, std=profile.noise_std, sample_std=False)
-        noise.set_random_state(seed=_seed(rng))
-        img = noise(img)
-    img = convert_to_numpy(img, dtype=np.float32)[0]
-    return (img * np.float32(profile.scale) + np.float32(profile.offset)).astype(np.float32)
+    return acquire(np.tensordot(means, probs, axes=1).astype(np.float32), profile, rng)  # exact for one-hot probs
 
 
 # ---------------------------------------------------------------- dataset on disk

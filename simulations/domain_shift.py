@@ -159,14 +159,24 @@ def render(label: np.ndarray, profile: ScannerProfile, rng: np.random.Generator)
     top = int(label.max())
     if top >= len(profile.tissue_intensity):
         raise ValueError(f"{profile.name}: label {top} has no tissue_intensity ({len(profile.tissue_intensity)} given)")
-    dims = label.ndim
-    shape = label.shape
-    # Tissue means + a smooth per-case texture (anatomy, not scanner: same law at every site).
+    # Tissue means (anatomy, not scanner: the same law at every site).
     tissue = np.asarray(profile.tissue_intensity, dtype=np.float32)[label]
+    return acquire(tissue, profile, rng)
+
+
+def acquire(tissue: np.ndarray, profile: ScannerProfile, rng: np.random.Generator) -> np.ndarray:
+    """A per-voxel tissue-intensity map (*S) as ``profile``'s scanner acquires it.
+
+    Adds a smooth per-case texture, then the scanner chain: bias field, acquisition
+    resolution, blur, gamma, noise, intensity units. Random draws come from ``rng``
+    in a fixed order, so any caller with the same ``rng`` state gets the same image.
+    """
+    shape = tissue.shape
+    dims = tissue.ndim
     texture = GaussianSmooth(sigma=1.5)(rng.normal(size=(1, *shape)).astype(np.float32))
     texture = convert_to_numpy(texture)
     texture *= TEXTURE_STD / (texture.std() + 1e-8)
-    img = (tissue[None] + texture).astype(np.float32)
+    img = (np.asarray(tissue, dtype=np.float32)[None] + texture).astype(np.float32)
 
     if profile.bias_field > 0:  # receive-coil inhomogeneity, multiplicative around 1
         bias = RandBiasField(coeff_range=(-profile.bias_field, profile.bias_field), prob=1.0)
