@@ -159,7 +159,8 @@ def evaluate(message: Message, context: Context) -> Message:
         )
     data = site_tensors(paths, cfg)
     started = time.perf_counter()
-    result = evaluate_dice(sm.model, data.test_x, data.test_y, data.num_classes, cfg.train.device, cfg.train.batch_size)
+    with_hd95 = bool(message.content[R.CONFIG].get("with-hd95", True))  # surface distances cost; the server asks at the end
+    result = evaluate_dice(sm.model, data.test_x, data.test_y, data.num_classes, cfg.train.device, cfg.train.batch_size, with_hd95)
     metrics = MetricRecord(
         {
             R.NUM_EXAMPLES: result.n,

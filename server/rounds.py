@@ -314,7 +314,8 @@ def run_federation(grid: Grid, cfg: ServerRunConfig) -> FederationResult:
         entry["train_s"] = t_agg - t_round
         if rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds:
             online = set(grid.get_node_ids())
-            entry["dice"] = evaluate_sites(grid, global_arrays, config, [n for n in eval_nodes if n in online], sites, cfg.round_timeout, result)
+            eval_config = ConfigRecord({**config, "with-hd95": rnd == cfg.num_rounds})
+            entry["dice"] = evaluate_sites(grid, global_arrays, eval_config, [n for n in eval_nodes if n in online], sites, cfg.round_timeout, result)
         entry["bytes_sent"] = result.bytes_sent - sent0
         entry["bytes_received"] = result.bytes_received - received0
         result.history.append(entry)
