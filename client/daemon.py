@@ -41,6 +41,8 @@ from shared_models.config import ConfigError, load_config  # noqa: E402
 DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|auto)$")
 NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 RECEIVING = re.compile(r"Receiving: (\w+) message")
+LOST = re.compile(r"Connection attempt failed")
+REGAINED = re.compile(r"Connection successful")
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,9 @@ class Supervisor:
             elif m := RECEIVING.search(line):
                 with self._lock:
                     self.last_message = {"type": m.group(1), "at": time.time()}
+            elif LOST.search(line) or REGAINED.search(line):
+                with self._lock:
+                    self.connected = bool(REGAINED.search(line))
 
     def run(self) -> None:
         delay = self.restart_delay
