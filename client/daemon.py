@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -171,36 +171,20 @@ class Supervisor:
 
 
 def serve_health(host: str, port: int, site: str, supervisor: Supervisor, state_dir: Path) -> ThreadingHTTPServer:
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client import CollectorRegistry
+
+    from shared_models.exporter import serve
 
     from .site_metrics import SiteCollector
 
     registry = CollectorRegistry()
     registry.register(SiteCollector(site, state_dir, supervisor.snapshot))
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            route = self.path.split("?")[0]
-            if route == "/metrics":
-                body, ctype, code = generate_latest(registry), CONTENT_TYPE_LATEST, 200
-            elif route in ("/health", "/healthz"):
-                snap = {"site": site, **supervisor.snapshot()}
-                body, ctype, code = json.dumps(snap).encode(), "application/json", 200 if snap["connected"] else 503
-            else:
-                body, ctype, code = b"not found\n", "text/plain", 404
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def health() -> tuple[bool, dict[str, Any]]:
+        snap = {"site": site, **supervisor.snapshot()}
+        return bool(snap["connected"]), snap
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="fedsite-health", daemon=True).start()
-    return server
+    return serve(host, port, registry, health, name="fedsite-health")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -406,7 +406,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def serve(cfg: ServerConfig, base: Path) -> int:
-    from .metrics import StatusCollector, serve as serve_http
+    from shared_models.exporter import serve as serve_http
+
+    from .metrics import StatusCollector
 
     started = time.perf_counter()
     work = resolve(base, cfg.work_dir)

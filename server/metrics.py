@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from shared_models.durable import atomic_write_text
@@ -122,30 +119,3 @@ class StatusCollector:
 
     def collect(self) -> Iterator[Metric]:
         yield from status_metrics(read_status(self.status_path), self.is_up())
-
-
-def serve(host: str, port: int, registry: CollectorRegistry, health: Callable[[], tuple[bool, dict[str, Any]]]) -> ThreadingHTTPServer:
-    """``/metrics`` (Prometheus text format) and ``/health`` (JSON, 200 or 503) on a thread."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            if self.path.split("?")[0] == "/metrics":
-                body, ctype, code = generate_latest(registry), CONTENT_TYPE_LATEST, 200
-            elif self.path.split("?")[0] in ("/health", "/healthz"):
-                ok, detail = health()
-                body, ctype, code = json.dumps(detail).encode(), "application/json", 200 if ok else 503
-            else:
-                body, ctype, code = b"not found\n", "text/plain", 404
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:  # scrapes are not news
-            pass
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="fedsite-metrics", daemon=True).start()
-    return server
