@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -10,6 +11,21 @@ from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 
 from ..norms import build_norm
+
+
+@dataclass(frozen=True)
+class UShapeConfig:
+    """What every U-shaped net of the library is configured by (YAML keys in kebab-case)."""
+
+    spatial_dims: int = 2
+    in_channels: int = 1
+    out_channels: int = 2
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    norm: str = "batch"
+    norm_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_unet_shape(self.spatial_dims, self.channels, self.in_channels, self.out_channels)
 
 
 def check_unet_shape(spatial_dims: int, channels: tuple[int, ...], in_channels: int, out_channels: int) -> None:

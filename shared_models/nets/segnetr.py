@@ -34,7 +34,7 @@ zero-padded after the branch norm and cropped back, so any input size works.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -43,7 +43,7 @@ from monai.networks.layers.factories import Conv
 from torch import nn
 
 from ..norms import build_norm
-from .blocks import check_unet_shape, conv
+from .blocks import UShapeConfig, conv
 from .registry import register_model
 
 __all__ = [
@@ -261,15 +261,9 @@ class SegNetrBlock(nn.Module):
 
 # ----------------------------------------------------------------- network
 @dataclass(frozen=True)
-class SegNetrConfig:
+class SegNetrConfig(UShapeConfig):
     """Hyper-parameters of :class:`SegNetr` (YAML keys in kebab-case; see the module doc)."""
 
-    spatial_dims: int = 2
-    in_channels: int = 1
-    out_channels: int = 2
-    channels: tuple[int, ...] = (16, 32, 64, 128)
-    norm: str = "batch"
-    norm_options: dict[str, Any] = field(default_factory=dict)
     window: int | None = None  # P; None -> 8 in 2D, 4 in 3D
     blocks_per_stage: int = 1
     expand_ratio: float = 2.0  # MaxViT uses 4; 2 meets the paper's -59% parameter budget
@@ -282,7 +276,7 @@ class SegNetrConfig:
     irsc_fusion: str = "add"
 
     def __post_init__(self) -> None:
-        check_unet_shape(self.spatial_dims, self.channels, self.in_channels, self.out_channels)
+        super().__post_init__()
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.blocks_per_stage < 1:

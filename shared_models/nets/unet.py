@@ -8,31 +8,20 @@ and a norm-ReLU-1x1 head. Any size works (odd sizes are padded on the way up).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..norms import build_norm
-from .blocks import check_unet_shape, ResBlock, conv, match_size, max_pool, up_conv
+from .blocks import UShapeConfig, ResBlock, conv, match_size, max_pool, up_conv
 from .registry import register_model
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(UShapeConfig):
     """Hyper-parameters of :class:`ResidualUNet` (YAML keys in kebab-case)."""
-
-    spatial_dims: int = 2
-    in_channels: int = 1
-    out_channels: int = 2
-    channels: tuple[int, ...] = (16, 32, 64, 128)
-    norm: str = "batch"
-    norm_options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        check_unet_shape(self.spatial_dims, self.channels, self.in_channels, self.out_channels)
 
 
 class Down(nn.Module):

@@ -51,7 +51,7 @@ available for ``search: false`` and for the discretised net.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -60,7 +60,7 @@ from monai.networks.layers.factories import Pool
 from torch import nn
 
 from ..norms import build_norm
-from .blocks import check_unet_shape, conv
+from .blocks import UShapeConfig, conv
 from .registry import register_model
 from .uxnet_ops import DEFAULT_OPS, build_op
 
@@ -77,19 +77,13 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class UXNetConfig:
+class UXNetConfig(UShapeConfig):
     """Hyper-parameters of :class:`UXNet` (YAML keys in kebab-case).
 
     ``ops`` None means the default candidates for ``spatial_dims``; ``fixed_arch``
     None builds the supernet, a dict builds the discretised network.
     """
 
-    spatial_dims: int = 2
-    in_channels: int = 1
-    out_channels: int = 2
-    channels: tuple[int, ...] = (16, 32, 64, 128)
-    norm: str = "batch"
-    norm_options: dict[str, Any] = field(default_factory=dict)
     ops: tuple[str, ...] | None = None
     blocks_per_level: int = 1
     top_k: int = 2
@@ -102,7 +96,7 @@ class UXNetConfig:
     arch_weight_decay: float = 1e-3  # DARTS' architecture weight decay
 
     def __post_init__(self) -> None:
-        check_unet_shape(self.spatial_dims, self.channels, self.in_channels, self.out_channels)
+        super().__post_init__()
         if self.blocks_per_level < 1 or self.top_k < 1:
             raise ValueError("blocks-per-level and top-k must be >= 1")
         if self.arch_lr < 0 or self.arch_weight_decay < 0:
