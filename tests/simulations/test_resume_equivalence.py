@@ -1,6 +1,5 @@
 """A federation stopped after round 2 and resumed ends where an uninterrupted one ends."""
 
-import json
 
 import pytest
 import torch
