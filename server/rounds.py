@@ -279,7 +279,9 @@ def run_federation(grid: Grid, cfg: ServerRunConfig) -> FederationResult:
         messages = list(strategy.configure_train(rnd, global_arrays, config, TargetedGrid(grid, targets)))
         result.bytes_sent += global_arrays.count_bytes() * len(messages)
         raw, missing = collect_replies(grid, messages, cfg.round_timeout, quorum, cfg.straggler_grace)
-        replies = _log_failures(raw, sites, "train", rnd)
+        # Replies arrive in completion order; a fixed (site) order makes the float sums of
+        # the aggregation, and so the whole federation, reproducible run to run.
+        replies = sorted(_log_failures(raw, sites, "train", rnd), key=lambda r: _site_of(r, sites))
         result.bytes_received += sum(r.content[R.ARRAYS].count_bytes() for r in replies if R.ARRAYS in r.content)
         # Update validation: nothing malformed, non-finite or implausible reaches a strategy.
         replies, rejections = gate(replies, global_arrays, str(config[R.FINGERPRINT]), max_examples, lambda r: _site_of(r, sites))
