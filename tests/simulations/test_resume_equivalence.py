@@ -44,4 +44,4 @@ def test_resumed_run_matches_the_uninterrupted_run(tmp_path):
     b = CheckpointStore(resumed / "checkpoints").latest(run_name=config["run-name"], fingerprint=fp, policy="fedbn")
     assert a.round == b.round == 3
     for key, value in a.arrays.items():
-        assert torch.allclose(value.double(), b.arrays[key].double(), atol=1e-5), key
+        assert torch.equal(value, b.arrays[key]), key  # bit-identical: replies are aggregated in site order
