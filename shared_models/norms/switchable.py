@@ -145,31 +145,6 @@ class SwitchNorm(nn.Module):
         )
 
 
-def switch_norm(
-    num_features: int,
-    spatial_dims: int,
-    eps: float = 1e-5,
-    momentum: float = 0.1,
-    using_moving_average: bool = True,
-    using_bn: bool = True,
-    last_gamma: bool = False,
-    unbiased_in_var: bool = False,
-    running_var_init: float = 0.0,
-) -> nn.Module:
-    """Registry factory for :class:`SwitchNorm` (defaults of methods.md §6.4)."""
-    return SwitchNorm(
-        num_features,
-        spatial_dims,
-        eps=eps,
-        momentum=momentum,
-        using_moving_average=using_moving_average,
-        using_bn=using_bn,
-        last_gamma=last_gamma,
-        unbiased_in_var=unbiased_in_var,
-        running_var_init=running_var_init,
-    )
-
-
 def switchable_weights(model: nn.Module) -> dict[str, dict[str, list[float]]]:
     """Learned IN/LN/BN mix of every SN layer, keyed by module name (for reports)."""
     return {name: m.branch_weights() for name, m in model.named_modules() if isinstance(m, SwitchNorm)}
@@ -252,7 +227,7 @@ register_norm_type(
 )
 register_norm(
     "switchable",
-    switch_norm,
+    SwitchNorm,  # its signature is the registry factory's: (num_features, spatial_dims, **options)
     "switchable normalization (learned softmax mix of IN/LN/BN statistics)",
     batch_independent=False,
 )
