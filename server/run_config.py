@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shared_models.config import ConfigError, from_dict
+from shared_models.config import ConfigError, from_dict, to_dict
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,10 @@ class ServerRunConfig:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ServerRunConfig:
         return from_dict(cls, dict(run_config), path="run-config")
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flower's flat run_config (kebab-case keys): the one serialiser every writer uses."""
+        return to_dict(self)
 
     @property
     def model_spec(self) -> dict[str, Any]:
