@@ -37,6 +37,7 @@ from typing import Any
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from shared_models.config import ConfigError, load_config  # noqa: E402
+from shared_models.executables import env_with_interpreter_bin  # noqa: E402
 
 DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|auto)$")
 NODE_ID = re.compile(r"SuperNode ID: (\d+)")
@@ -221,8 +222,9 @@ def run(args: argparse.Namespace) -> int:
         "--node-config", str(node_config),
         "--port", str(cfg.runtime_port),
     ]
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FEDSITE_HEARTBEAT_INTERVAL": str(cfg.heartbeat_interval),
-           "FEDSITE_PARENT_PID": str(os.getpid()), "FLWR_HOME": str(state_dir / "flwr-home")}
+    env = env_with_interpreter_bin({
+        **os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FEDSITE_HEARTBEAT_INTERVAL": str(cfg.heartbeat_interval),
+        "FEDSITE_PARENT_PID": str(os.getpid()), "FLWR_HOME": str(state_dir / "flwr-home")})
     supervisor = Supervisor(cmd, env, cfg.restart_delay)
 
     def on_signal(signum: int, _frame: Any) -> None:

@@ -51,6 +51,7 @@ os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 
 from shared_models.config import ConfigError, load_config  # noqa: E402
 from shared_models.durable import atomic_write_text  # noqa: E402
+from shared_models.executables import console_script, env_with_interpreter_bin  # noqa: E402
 
 APP_PACKAGES = ("shared_models", "client", "server")
 CONNECTION = "fedsite"
@@ -291,7 +292,7 @@ class SuperLink:
         self.address = f"{'127.0.0.1' if link.host in ('0.0.0.0', '::', '') else link.host}:{link.port}"
         self.ca = resolve(base, link.ca_certfile)
         cmd = [
-            "flower-superlink",
+            console_script("flower-superlink"),
             "--ssl-certfile", str(resolve(base, link.certfile)),
             "--ssl-keyfile", str(resolve(base, link.keyfile)),
             "--ssl-ca-certfile", str(self.ca),
@@ -418,8 +419,8 @@ def serve(cfg: ServerConfig, base: Path) -> int:
     missing = [str(p) for p in site_keys.values() if not p.exists()]
     if missing:
         raise DaemonError(f"public key file(s) not found: {', '.join(missing)}")
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(work / "flwr-home"),
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    env = env_with_interpreter_bin({**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(work / "flwr-home"),
+                                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
     os.environ["FLWR_HOME"] = env["FLWR_HOME"]
     link = SuperLink(cfg, base, work, env)
     state: dict[str, Any] = {"run_id": None, "status": "starting", "nodes": {}}
