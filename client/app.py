@@ -9,7 +9,6 @@ atomically, reply with the shared tensors only.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -24,13 +23,14 @@ from shared_models import architecture_fingerprint, build_model, partition
 from shared_models.durable import tensors_checksum
 from shared_models.losses import make_loss
 from shared_models.partition import Split
-from shared_models import records as R
+from shared_models import protocol as P
+from shared_models.protocol import EvalMetrics, RoundConfig, SiteInfo, TrainMetrics
 
 from .data import load_site
 from .exchange import load_local, load_shared, local_tensors, shared_record
 from .global_store import GlobalSnapshot, save_global
 from .site_metrics import record_training
-from .round_config import RoundConfig, SitePaths, resolve_site
+from .site_paths import SitePaths, resolve_site
 from .site_state import SiteStateError, SiteStateStore
 from .trainer import evaluate_dice, to_batch_tensors, train_local
 
@@ -84,10 +84,10 @@ class SiteModel:
 
 def prepare_model(message: Message, context: Context) -> tuple[RoundConfig, SitePaths, SiteModel]:
     """Build the round's model and put the global shared + stored local tensors in it."""
-    cfg = RoundConfig.from_record(message.content[R.CONFIG])
+    cfg = RoundConfig.from_record(message.content[P.CONFIG])
     paths = resolve_site(context.node_config, cfg)
-    if "device" in context.node_config:  # a deployed site picks its own accelerator (fedsite client --device)
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=str(context.node_config["device"])))
+    if P.NODE_DEVICE in context.node_config:  # a deployed site picks its own accelerator (fedsite client --device)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=str(context.node_config[P.NODE_DEVICE])))
     model = build_model(cfg.model_spec, seed=cfg.train.seed)
     fingerprint = architecture_fingerprint(model)
     if fingerprint != cfg.fingerprint:
@@ -95,15 +95,15 @@ def prepare_model(message: Message, context: Context) -> tuple[RoundConfig, Site
             f"site {paths.site}: model fingerprint {fingerprint} differs from the server's {cfg.fingerprint} "
             "(different fedsite version or model code at this site)"
         )
-    split = partition(model, cfg.policy)
-    received = load_shared(model, message.content[R.ARRAYS], split, paths.site)
+    split = partition(model, cfg.partition_policy)
+    received = load_shared(model, message.content[P.ARRAYS], split, paths.site)
     # Kept for `fedsite predict`: the newest global shared tensors, next to the local state.
-    save_global(paths.state_dir, GlobalSnapshot(cfg.run_name, cfg.server_round, cfg.model_spec, cfg.policy.name,
-                                                json.loads(str(message.content[R.CONFIG].get("policy-overrides", "{}"))), fingerprint, received, cfg.intensity))
+    save_global(paths.state_dir, GlobalSnapshot(cfg.run_name, cfg.server_round, cfg.model_spec, cfg.policy,
+                                                cfg.policy_overrides, fingerprint, received, cfg.intensity))
     store = SiteStateStore(paths.state_dir, cfg.run_name, paths.site)
     loaded = None
     if split.local and store.exists():
-        tensors, stored_round = store.load(fingerprint=fingerprint, policy=cfg.policy.name, expected_keys=set(split.local))
+        tensors, stored_round = store.load(fingerprint=fingerprint, policy=cfg.policy, expected_keys=set(split.local))
         load_local(model, tensors)
         loaded = {"local_state_checksum": tensors_checksum(tensors), "local_state_round": stored_round}
     return cfg, paths, SiteModel(model, split, store, fingerprint, loaded)
@@ -122,7 +122,7 @@ def train(message: Message, context: Context) -> Message:
     loss_fn = make_loss(cfg.loss, sm.model, seed=settings.seed)
     report = train_local(sm.model, data.train_x, data.train_y, settings, loss_fn, global_shared)
     if sm.split.local:
-        sm.store.save(local_tensors(sm.model, sm.split), fingerprint=sm.fingerprint, policy=cfg.policy.name, round_=cfg.server_round)
+        sm.store.save(local_tensors(sm.model, sm.split), fingerprint=sm.fingerprint, policy=cfg.policy, round_=cfg.server_round)
     log.info("site %s round %d: loss %.4f, %d samples in %.1fs", paths.site, cfg.server_round, report.loss, report.samples, report.seconds)
     record_training(paths.state_dir, paths.site, {
         "round": cfg.server_round, "run": cfg.run_name, "loss": report.loss, "samples": report.samples,
@@ -130,19 +130,12 @@ def train(message: Message, context: Context) -> Message:
         "gpu_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
         **(sm.loaded_local or {"local_state_checksum": None, "local_state_round": None}),
     })
-    metrics = MetricRecord(
-        {
-            R.NUM_EXAMPLES: len(data.train_x),
-            R.LOSS: report.loss,
-            R.TRAIN_SECONDS: report.seconds,
-            "samples-per-second": report.samples / max(report.seconds, 1e-9),
-        }
-    )
+    metrics = TrainMetrics(len(data.train_x), report.loss, report.seconds, report.samples / max(report.seconds, 1e-9))
     content = RecordDict(
         {
-            R.ARRAYS: shared_record(sm.model, sm.split, paths.site),
-            R.METRICS: metrics,
-            R.CONFIG: ConfigRecord({R.SITE_ID: paths.site, R.FINGERPRINT: sm.fingerprint}),
+            P.ARRAYS: shared_record(sm.model, sm.split, paths.site),
+            P.METRICS: MetricRecord(metrics.to_record()),
+            P.CONFIG: ConfigRecord({P.SITE_ID: paths.site, P.FINGERPRINT: sm.fingerprint}),
         }
     )
     return Message(content=content, reply_to=message)
@@ -159,27 +152,17 @@ def evaluate(message: Message, context: Context) -> Message:
         )
     data = site_tensors(paths, cfg)
     started = time.perf_counter()
-    with_hd95 = bool(message.content[R.CONFIG].get("with-hd95", True))  # surface distances cost; the server asks at the end
-    result = evaluate_dice(sm.model, data.test_x, data.test_y, data.num_classes, cfg.train.device, cfg.train.batch_size, with_hd95)
-    metrics = MetricRecord(
-        {
-            R.NUM_EXAMPLES: result.n,
-            R.DICE: result.dice,
-            "dice-per-class": list(result.per_class),
-            "hd95": result.hd95,
-            "hd95-per-class": list(result.hd95_per_class),
-            "eval-seconds": time.perf_counter() - started,
-        }
-    )
-    content = RecordDict({R.METRICS: metrics, R.CONFIG: ConfigRecord({R.SITE_ID: paths.site})})
+    result = evaluate_dice(sm.model, data.test_x, data.test_y, data.num_classes, cfg.train.device, cfg.train.batch_size, cfg.with_hd95)
+    metrics = EvalMetrics(result.n, result.dice, result.per_class, result.hd95, result.hd95_per_class, time.perf_counter() - started)
+    content = RecordDict({P.METRICS: MetricRecord(metrics.to_record()), P.CONFIG: ConfigRecord({P.SITE_ID: paths.site})})
     return Message(content=content, reply_to=message)
 
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
     """Who is this node? (site id and dataset sizes; never any tensor)."""
-    cfg = RoundConfig.from_record(message.content[R.CONFIG])
+    cfg = RoundConfig.from_record(message.content[P.CONFIG])
     paths = resolve_site(context.node_config, cfg)
     data = site_tensors(paths, cfg)
-    info = ConfigRecord({R.SITE_ID: paths.site, R.N_TRAIN: len(data.train_x), R.N_TEST: len(data.test_x)})
-    return Message(content=RecordDict({R.CONFIG: info}), reply_to=message)
+    info = SiteInfo(paths.site, len(data.train_x), len(data.test_x))
+    return Message(content=RecordDict({P.CONFIG: ConfigRecord(info.to_record())}), reply_to=message)

@@ -23,24 +23,11 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
 from torch import nn
 
+from shared_models.protocol import TrainSettings
+
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN/Inf: the site refuses to send or store that model."""
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """What one round of local training does (sent by the server each round)."""
-
-    epochs: int = 1
-    lr: float = 3e-3
-    batch_size: int = 8
-    seed: int = 0
-    device: str = "cpu"
-    amp: bool = True  # only takes effect on CUDA
-    channels_last: bool = True  # only takes effect on CUDA
-    proximal_mu: float = 0.0  # FedProx; 0 = plain local SGD
-    weight_decay: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ policy). Loading one written for a different run or architecture is an error.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from flwr.app import Array, ArrayRecord
 
 from shared_models.durable import atomic_torch_save, tensors_checksum
 
+log = logging.getLogger("fedsite.server")
 FORMAT_VERSION = 1
 _NAME = re.compile(r"round-(\d{4,})\.pt$")
 
@@ -120,3 +122,12 @@ class CheckpointStore:
             strategy_state=blob["strategy_state"],
             history=blob["history"],
         )
+
+
+def resume(store: CheckpointStore, strategy: Any, *, run_name: str, fingerprint: str, policy: str) -> ServerCheckpoint | None:
+    """The newest checkpoint of this run with the strategy's moments put back, or ``None`` to start at round 1."""
+    ckpt = store.latest(run_name=run_name, fingerprint=fingerprint, policy=policy)
+    if ckpt is not None:
+        restore_strategy_state(strategy, ckpt.strategy_state)
+        log.info("resuming after the round-%d checkpoint", ckpt.round)
+    return ckpt

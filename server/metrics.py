@@ -28,8 +28,8 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from shared_models.durable import atomic_write_text
+from shared_models.protocol import STATUS_FILE
 
-STATUS_FILE = "status.json"
 PREFIX = "fedsite_server_"
 
 

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared_models.config import ConfigError, from_dict, to_dict
+from shared_models.protocol import RoundConfig, TrainSettings
+
+_TRAIN = TrainSettings()
+_ROUND = RoundConfig(run_name="", model_spec={}, fingerprint="")
 
 
 @dataclass(frozen=True)
@@ -19,23 +23,23 @@ class ServerRunConfig:
     run_name: str = "fedsite"
     out_dir: str = "runs/fedsite"
     num_rounds: int = 3
-    local_epochs: int = 1
-    lr: float = 3e-3
-    batch_size: int = 8
-    seed: int = 0
-    loss: str = "dicece"
+    local_epochs: int = _TRAIN.epochs
+    lr: float = _TRAIN.lr
+    batch_size: int = _TRAIN.batch_size
+    seed: int = _TRAIN.seed
+    loss: str = _ROUND.loss
     model_schedule: str = "{}"  # JSON {round: {spec changes from that round on}}
-    policy: str = "fedbn"
+    policy: str = _ROUND.policy
     policy_overrides: str = "{}"
     strategy: str = "fedavg"
     strategy_options: str = "{}"
-    proximal_mu: float = 0.0
-    device: str = "cpu"
-    amp: bool = True
-    channels_last: bool = True
-    intensity: str = "zscore"
-    test_fraction: float = 0.25
-    split_seed: int = 0
+    proximal_mu: float = _TRAIN.proximal_mu
+    device: str = _TRAIN.device
+    amp: bool = _TRAIN.amp
+    channels_last: bool = _TRAIN.channels_last
+    intensity: str = _ROUND.intensity
+    test_fraction: float = _ROUND.test_fraction
+    split_seed: int = _ROUND.split_seed
     pooled: bool = False
     data_dir: str = ""  # simulation only: the multi-site root the simulated nodes read
     sites: str = ""  # simulation only: comma-separated site names, partition-id order
@@ -88,27 +92,23 @@ class ServerRunConfig:
     def site_list(self) -> list[str]:
         return [s for s in self.sites.split(",") if s]
 
-    def client_config(self, fingerprint: str) -> dict[str, Any]:
-        """The ConfigRecord content every train/evaluate/query message carries."""
-        return {
-            "run-name": self.run_name,
-            "model": self.model,
-            "fingerprint": fingerprint,
-            "loss": self.loss,
-            "policy": self.policy,
-            "policy-overrides": self.policy_overrides,
-            "local-epochs": self.local_epochs,
-            "lr": self.lr,
-            "batch-size": self.batch_size,
-            "seed": self.seed,
-            "device": self.device,
-            "amp": self.amp,
-            "channels-last": self.channels_last,
-            "proximal-mu": self.proximal_mu,
-            "intensity": self.intensity,
-            "test-fraction": self.test_fraction,
-            "split-seed": self.split_seed,
-            "sim-sites": self.sites,
-            "sim-data-dir": self.data_dir,
-            "sim-state-dir": self.state_dir,
-        }
+    def round_config(self, fingerprint: str) -> RoundConfig:
+        """The round's configuration every query/train/evaluate message carries (round 0 until set)."""
+        return RoundConfig(
+            run_name=self.run_name,
+            model_spec=self.model_spec,
+            fingerprint=fingerprint,
+            policy=self.policy,
+            policy_overrides=json.loads(self.policy_overrides),
+            loss=self.loss,
+            train=TrainSettings(
+                epochs=self.local_epochs, lr=self.lr, batch_size=self.batch_size, seed=self.seed, device=self.device,
+                amp=self.amp, channels_last=self.channels_last, proximal_mu=self.proximal_mu,
+            ),
+            intensity=self.intensity,
+            test_fraction=self.test_fraction,
+            split_seed=self.split_seed,
+            sim_sites=tuple(self.site_list),
+            sim_data_dir=self.data_dir,
+            sim_state_dir=self.state_dir,
+        )

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from shared_models import records as R
+from shared_models import protocol as R
 
 
 @dataclass(frozen=True)

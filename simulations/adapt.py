@@ -51,13 +51,13 @@ from client.trainer import evaluate_dice, resolve_device, to_batch_tensors
 from server.checkpoint import CheckpointStore
 from shared_models import architecture_fingerprint, build_model
 from shared_models.build import model_config
+from shared_models.protocol import FEDERATION_FILE as RESULT_FILE, RESULTS_FILE
 from shared_models.norms.bin import BatchInstanceNorm
 from shared_models.norms.registry import TensorRole
 from shared_models.norms.switchable import SwitchNorm, recompute_sn_bn_stats
 from shared_models.partition import tensor_roles
 
 OPTIONS = ("average", "adabn", "sn-batch-average")
-RESULT_FILE = "federation.json"
 _SEED = re.compile(r"-seed(-?\d+)$")
 
 
@@ -85,7 +85,7 @@ class FinishedRun:
 
 def _spec_from_results(cell_dir: Path, run_name: str) -> tuple[dict[str, Any], int] | None:
     """(model spec, seed) of ``run_name`` in ``OUT/results.json`` next to ``OUT/runs/``."""
-    results = cell_dir.parent.parent / "results.json"
+    results = cell_dir.parent.parent / RESULTS_FILE
     try:
         runs = json.loads(results.read_text())["runs"]
     except (OSError, ValueError, KeyError, TypeError):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from shared_models.durable import atomic_write_text
+from shared_models.protocol import RESULTS_FILE
 
 from .cells import Cell
 
@@ -129,7 +130,7 @@ def write_arch_report(out: Path, results: dict[str, Any] | None = None) -> list[
     """Write ``architectures.json`` and ``architectures.md`` under ``out``; returns their paths."""
     out = Path(out)
     if results is None:
-        results = json.loads((out / "results.json").read_text())
+        results = json.loads((out / RESULTS_FILE).read_text())
     report = collect(out, results)
     paths = [out / JSON_FILE, out / MD_FILE]
     atomic_write_text(paths[0], json.dumps(report, indent=2))

@@ -23,6 +23,7 @@ from server.checkpoint import CheckpointStore, ServerCheckpoint
 from server.run_config import ServerRunConfig
 from shared_models import architecture_fingerprint, build_model, partition
 from shared_models.partition import Policy, Split
+from shared_models.protocol import FEDERATION_FILE
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Cell:
 
     @cached_property
     def result(self) -> dict[str, Any]:
-        file = self.path / "federation.json"
+        file = self.path / FEDERATION_FILE
         if not file.exists():
             raise FileNotFoundError(f"{file}: no finished federation here")
         result = json.loads(file.read_text())

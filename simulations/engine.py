@@ -23,7 +23,7 @@ from flwr.simulation.run_simulation import _run_simulation  # noqa: E402
 from flwr.supercore.telemetry import EventType  # noqa: E402
 
 from client.app import app as client_app  # noqa: E402
-from server.app import RESULT_FILE  # noqa: E402
+from shared_models.protocol import FEDERATION_FILE  # noqa: E402
 from server.app import app as server_app  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def run_simulated_federation(
         "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         "init_args": {"num_cpus": total_cpus, "num_gpus": _gpu_count() if num_gpus > 0 else 0, "include_dashboard": False},
     }
-    out_file = Path(run_config["out-dir"]) / RESULT_FILE
+    out_file = Path(run_config["out-dir"]) / FEDERATION_FILE
     out_file.unlink(missing_ok=True)
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
     _run_simulation(

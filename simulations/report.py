@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from shared_models.durable import atomic_write_text
+from shared_models.protocol import RESULTS_FILE
 
 
 def _mean(values: list[float]) -> float:
@@ -90,7 +91,7 @@ def results_csv(results: dict[str, Any]) -> str:
 def write_reports(results: dict[str, Any], out: Path) -> str:
     """Write results.json, results.md and results.csv into ``out``; return the Dice table."""
     table = dice_table(results)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2))
     atomic_write_text(out / "results.csv", results_csv(results))
     seeds = sorted({r["seed"] for r in results["runs"]})
     rounds = results["runs"][0]["rounds"] if results["runs"] else 0

@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from shared_models.durable import atomic_write_text
+from shared_models.protocol import RESULTS_FILE
 
 from . import run as simulate
 from .report import dice_table, holdout_table
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         if code != 0:
             print(f"fedsite reproduce: {name} failed (exit {code})")
             return code
-        results = json.loads((out / "results.json").read_text())
+        results = json.loads((out / RESULTS_FILE).read_text())
         sections += [f"## {results['experiment']}", "", _header(config), "", dice_table(results), ""]
         if any("holdout" in r for r in results["runs"]):
             sections += ["Held-out site, by adaptation option:", "", holdout_table(results), ""]

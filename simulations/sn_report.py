@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from shared_models.durable import atomic_write_text
+from shared_models.protocol import RESULTS_FILE
 
 from .cells import Cell
 
@@ -219,7 +220,7 @@ def write_sn_report(out: Path, results: dict[str, Any] | None = None) -> list[Pa
     """Write sn_weights.json/.md/.png into ``out``; returns their paths (empty if no switchable run)."""
     out = Path(out)
     if results is None:
-        results = json.loads((out / "results.json").read_text())
+        results = json.loads((out / RESULTS_FILE).read_text())
     report = collect(out, results)
     if not report["arms"]:
         return []

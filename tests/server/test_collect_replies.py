@@ -4,7 +4,7 @@ import time
 
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
-from server.rounds import collect_replies
+from server.sites import collect_replies
 from tests.helpers import set_task_identity
 
 
