@@ -82,8 +82,12 @@ class SiteModel:
     loaded_local: dict | None = None  # checksum and round of the site-local tensors loaded from disk
 
 
-def prepare_model(message: Message, context: Context) -> tuple[RoundConfig, SitePaths, SiteModel]:
-    """Build the round's model and put the global shared + stored local tensors in it."""
+def prepare_model(message: Message, context: Context, evaluating: bool = False) -> tuple[RoundConfig, SitePaths, SiteModel]:
+    """Build the round's model and put the global shared + stored local tensors in it.
+
+    Training round r starts from the local state written before round r; evaluating
+    round r scores the state round r trained.
+    """
     cfg = RoundConfig.from_record(message.content[P.CONFIG])
     paths = resolve_site(context.node_config, cfg)
     if P.NODE_DEVICE in context.node_config:  # a deployed site picks its own accelerator (fedsite client --device)
@@ -103,7 +107,8 @@ def prepare_model(message: Message, context: Context) -> tuple[RoundConfig, Site
     store = SiteStateStore(paths.state_dir, cfg.run_name, paths.site)
     loaded = None
     if split.local and store.exists():
-        tensors, stored_round = store.load(fingerprint=fingerprint, policy=cfg.policy, expected_keys=set(split.local))
+        tensors, stored_round = store.load(fingerprint=fingerprint, policy=cfg.policy, expected_keys=set(split.local),
+                                           before_round=cfg.server_round + (1 if evaluating else 0))
         load_local(model, tensors)
         loaded = {"local_state_checksum": tensors_checksum(tensors), "local_state_round": stored_round}
     return cfg, paths, SiteModel(model, split, store, fingerprint, loaded)
@@ -144,7 +149,7 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Score the site's personalised model (global shared + own local) on its test split."""
-    cfg, paths, sm = prepare_model(message, context)
+    cfg, paths, sm = prepare_model(message, context, evaluating=True)
     if sm.split.local and not sm.store.exists():
         raise SiteStateError(
             f"site {paths.site}: no site-local state for run {cfg.run_name!r} under policy {cfg.policy.name}; "

@@ -11,6 +11,8 @@ that does not match any of them is refused with a message naming the file.
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from shared_models.durable import atomic_torch_save, tensors_checksum
 
 FORMAT_VERSION = 1
 STATE_FILE = "local_state.pt"
+PREVIOUS_FILE = "local_state.previous.pt"
 
 
 class SiteStateError(RuntimeError):
@@ -35,14 +38,17 @@ class SiteStateStore:
         self.site = site
         self.run_name = run_name
         self.path = Path(state_dir) / run_name / STATE_FILE
+        self.previous = self.path.with_name(PREVIOUS_FILE)
 
     def exists(self) -> bool:
-        return self.path.exists()
+        return self.path.exists() or self.previous.exists()
 
     def save(self, tensors: Mapping[str, torch.Tensor], *, fingerprint: str, policy: str, round_: int) -> str:
         """Atomically write ``tensors``; returns their checksum."""
         cpu = {k: v.detach().cpu().clone() for k, v in tensors.items()}
         checksum = tensors_checksum(cpu)
+        if self.path.exists():  # the round before stays readable: a resumed federation may repeat this round
+            os.replace(self.path, self.previous)
         atomic_torch_save(
             {
                 "format": FORMAT_VERSION,
@@ -58,31 +64,52 @@ class SiteStateStore:
         )
         return checksum
 
-    def load(self, *, fingerprint: str, policy: str, expected_keys: set[str]) -> tuple[dict[str, torch.Tensor], int]:
-        """Tensors and the round they were written in; refuses any mismatch."""
+    def load(
+        self, *, fingerprint: str, policy: str, expected_keys: set[str], before_round: int | None = None
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """Tensors and the round they were written in; refuses any mismatch.
+
+        ``before_round``: the newest state written before that round. A federation
+        resumed after its last checkpoint repeats a round that some sites may have
+        trained already; they must start it from the state they had before it.
+        """
+        path = self.path if self.path.exists() else self.previous
+        tensors, round_ = self._read(path, fingerprint, policy, expected_keys)
+        if before_round is None or round_ < before_round:
+            return tensors, round_
+        if path == self.path and self.previous.exists():
+            tensors, round_ = self._read(self.previous, fingerprint, policy, expected_keys)
+            if round_ < before_round:
+                return tensors, round_
+        raise SiteStateError(
+            f"{self.path}: no site state from before round {before_round} (newest is from round {round_}: an earlier "
+            "federation of the same run name?); use a new run name or move the file away"
+        )
+
+    def _read(self, path: Path, fingerprint: str, policy: str, expected_keys: set[str]) -> tuple[dict[str, torch.Tensor], int]:
         try:
-            blob = torch.load(self.path, map_location="cpu", weights_only=True)
+            blob = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise
         except Exception as exc:  # torch raises several types for truncated/corrupt files
-            raise SiteStateError(f"{self.path}: unreadable site state ({exc.__class__.__name__}: {exc})") from exc
+            raise SiteStateError(f"{path}: unreadable site state ({exc.__class__.__name__}: {exc})") from exc
         if not isinstance(blob, dict) or blob.get("format") != FORMAT_VERSION:
-            raise SiteStateError(f"{self.path}: not a fedsite site-state file (format {blob.get('format') if isinstance(blob, dict) else '?'})")
+            raise SiteStateError(f"{path}: not a fedsite site-state file (format {blob.get('format') if isinstance(blob, dict) else '?'})")
         if blob["run"] != self.run_name or blob["site"] != self.site:
             raise SiteStateError(
-                f"{self.path}: written for run {blob['run']!r} at site {blob['site']!r}, not run {self.run_name!r} at site {self.site!r}"
+                f"{path}: written for run {blob['run']!r} at site {blob['site']!r}, not run {self.run_name!r} at site {self.site!r}"
             )
         if blob["fingerprint"] != fingerprint:
             raise SiteStateError(
-                f"{self.path}: architecture fingerprint {blob['fingerprint']} does not match this model ({fingerprint}); "
+                f"{path}: architecture fingerprint {blob['fingerprint']} does not match this model ({fingerprint}); "
                 "the model configuration changed since this site state was written. Use a new run name or move the file away."
             )
         if blob["policy"] != policy:
-            raise SiteStateError(f"{self.path}: written under policy {blob['policy']!r}, this run uses {policy!r}")
+            raise SiteStateError(f"{path}: written under policy {blob['policy']!r}, this run uses {policy!r}")
         tensors = blob["tensors"]
         if tensors_checksum(tensors) != blob["checksum"]:
-            raise SiteStateError(f"{self.path}: checksum mismatch, the site state is corrupt")
+            raise SiteStateError(f"{path}: checksum mismatch, the site state is corrupt")
         if set(tensors) != expected_keys:
             missing, extra = sorted(expected_keys - set(tensors)), sorted(set(tensors) - expected_keys)
-            raise SiteStateError(f"{self.path}: local keys differ from the model's (missing {missing[:3]}, unexpected {extra[:3]})")
+            raise SiteStateError(f"{path}: local keys differ from the model's (missing {missing[:3]}, unexpected {extra[:3]})")
         return tensors, int(blob["round"])

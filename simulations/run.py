@@ -12,12 +12,14 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from server.run_config import ServerRunConfig
 from shared_models.config import ConfigError
 from shared_models.durable import atomic_write_text
+from shared_models.protocol import RESULTS_FILE
 
 from .experiment import Cell, DataConfig, ExperimentConfig, load_experiment, with_overrides
 from .methods import METHODS
@@ -115,59 +117,95 @@ def prepare_data(data: DataConfig, out: Path) -> tuple[Path, list[str], int, int
 def run_config_for(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Path, sites: list[str], cell_dir: Path) -> dict[str, Any]:
     """The ServerApp run_config of one cell of the matrix."""
     m = METHODS[cell.arm.method]
-    return {
-        "model": json.dumps(cell.model),
-        "model-schedule": json.dumps({str(k): v for k, v in cell.arm.model_schedule.items()}),
-        "run-name": cell.name,
-        "loss": cell.arm.loss or cfg.loss,
-        "out-dir": str(cell_dir),
-        "num-rounds": cfg.rounds,
-        "local-epochs": cfg.local_epochs,
-        "lr": cfg.lr,
-        "batch-size": cfg.batch_size,
-        "seed": cell.seed,
-        "policy": m.policy,
-        "policy-overrides": json.dumps({**m.policy_overrides, **cell.arm.policy_overrides}),
-        "strategy": m.strategy,
-        "strategy-options": json.dumps(m.strategy_options),
-        "proximal-mu": m.proximal_mu,
-        "device": cfg.device,
-        "amp": cfg.amp,
-        "channels-last": cfg.channels_last,
-        "intensity": data.intensity,
-        "test-fraction": data.test_fraction,
-        "split-seed": data.split_seed,
-        "pooled": m.pooled,
-        "data-dir": str(root),
-        "sites": ",".join(sites),
-        "state-dir": str(cell_dir / "site-state"),
-        "resume": False,
-    }
+    return ServerRunConfig(
+        model=json.dumps(cell.model),
+        model_schedule=json.dumps({str(k): v for k, v in cell.arm.model_schedule.items()}),
+        run_name=cell.name,
+        loss=cell.arm.loss or cfg.loss,
+        out_dir=str(cell_dir),
+        num_rounds=cfg.rounds,
+        local_epochs=cfg.local_epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        seed=cell.seed,
+        policy=m.policy,
+        policy_overrides=json.dumps({**m.policy_overrides, **cell.arm.policy_overrides}),
+        strategy=m.strategy,
+        strategy_options=json.dumps(m.strategy_options),
+        proximal_mu=m.proximal_mu,
+        device=cfg.device,
+        amp=cfg.amp,
+        channels_last=cfg.channels_last,
+        intensity=data.intensity,
+        test_fraction=data.test_fraction,
+        split_seed=data.split_seed,
+        pooled=m.pooled,
+        data_dir=str(root),
+        sites=",".join(sites),
+        state_dir=str(cell_dir / "site-state"),
+        resume=False,
+    ).to_run_config()
 
 
-def finished_run(cell_dir: Path, run_config: dict[str, Any]) -> dict[str, Any] | None:
-    """The stored record of a cell that already finished with this exact configuration."""
+def finished_run(cell_dir: Path, identity: str) -> dict[str, Any] | None:
+    """The stored record of a cell that already finished every round at every site under this identity."""
     record = cell_dir / CELL_RECORD
     if not record.exists():
         return None
     stored = json.loads(record.read_text())
-    return stored["run"] if stored.get("run_config") == run_config else None
+    ok = stored.get("identity") == identity and stored.get("status") == "finished"
+    return stored["run"] if ok else None
+
+
+def degradation(fed: dict[str, Any], sites: list[str]) -> str | None:
+    """Why a federation is not a clean result (a site failed, was rejected or offline, a round skipped), or None."""
+    for entry in fed["history"]:
+        for key in ("failed", "no_reply", "offline", "rejected"):
+            if entry.get(key):
+                return f"round {entry['round']}: {key.replace('_', ' ')} {sorted(entry[key])}"
+        if "skipped" in entry:
+            return f"round {entry['round']} skipped: {entry['skipped']}"
+    missing = sorted(set(sites) - set(fed["per_site"]))
+    return f"no final score for {missing}" if missing else None
 
 
 def run_cell(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Path, sites: list[str], out: Path, verbose: bool) -> tuple[dict[str, Any], bool]:
     """Run one federation (or reuse its finished record); returns (run record, reused)."""
+    from .cell_identity import cell_identity, claim_cell_dir, code_version, data_fingerprint
     from .engine import run_simulated_federation
 
     cell_dir = out / "runs" / cell.name
     train_sites = [s for s in sites if s != cfg.holdout]
     run_config = run_config_for(cfg, data, cell, root, train_sites, cell_dir)
-    done = finished_run(cell_dir, run_config)
+    code, data_fp = code_version(), data_fingerprint(root, tuple(sites))
+    identity = cell_identity(run_config, code, data_fp)
+    done = finished_run(cell_dir, identity)
     if done is not None:
         return done, True
+    run_config["resume"] = claim_cell_dir(cell_dir, identity, code, data_fp)  # same identity: an interrupted run
     nodes = len(train_sites) + (1 if METHODS[cell.arm.method].pooled else 0)
     t0 = time.perf_counter()
     fed = run_simulated_federation(run_config, nodes, cfg.client_resources.num_cpus, cfg.client_resources.num_gpus, verbose)
-    run = {
+    run = run_record(cell, fed, time.perf_counter() - t0)
+    if cfg.holdout:
+        from .adapt import adapt_and_score
+
+        scores = adapt_and_score(cell_dir, train_sites, root / cfg.holdout, list(cfg.adapt_options),
+                                 model_spec=cell.model, seed=cell.seed, intensity=data.intensity)
+        run["holdout"] = {"site": cfg.holdout, **scores}
+    reason = degradation(fed, train_sites)
+    if reason:
+        run["degraded"] = reason
+        print(f"      degraded, will rerun next time: {reason}", flush=True)
+    status = "degraded" if reason else "finished"
+    atomic_write_text(cell_dir / CELL_RECORD, json.dumps({"identity": identity, "code": code, "data": data_fp, "status": status,
+                                                          "run_config": run_config, "run": run}, indent=2))
+    return run, False
+
+
+def run_record(cell: Cell, fed: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """The row of results.json for one finished federation."""
+    return {
         "method": cell.label,
         "federated_method": cell.arm.method,
         "model": cell.model,
@@ -176,24 +214,14 @@ def run_cell(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Path, si
         "per_site": {s: {"dice": v["dice"], "hd95": v.get("hd95", float("nan")), "n_test": v.get("n_test", 0)}
                      for s, v in fed["per_site"].items()},
         "mean_dice": fed["mean_dice"],
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": wall_s,
         "bytes_sent": fed["bytes_sent"],
         "bytes_received": fed["bytes_received"],
         "history": fed["history"],
     }
-    if cfg.holdout:
-        from .adapt import adapt_and_score
-
-        scores = adapt_and_score(cell_dir, train_sites, root / cfg.holdout, list(cfg.adapt_options),
-                                 model_spec=cell.model, seed=cell.seed, intensity=data.intensity)
-        run["holdout"] = {"site": cfg.holdout, **scores}
-    atomic_write_text(cell_dir / CELL_RECORD, json.dumps({"run_config": run_config, "run": run}, indent=2))
-    return run, False
 
 
 def run(args: argparse.Namespace) -> int:
-    from .report import summarise, write_reports
-
     try:
         cfg = resolve_config(args)
     except ConfigError as exc:
@@ -206,51 +234,69 @@ def run(args: argparse.Namespace) -> int:
     print(f"fedsite simulate: {len(cells)} federations ({len(datasets)} dataset(s) x {len(cfg.all_arms)} arm(s) x "
           f"{len(cfg.models) or 1} model(s) x {len(cfg.norms) or 1} norm(s) x {len(cfg.seeds)} seed(s)); "
           f"{cfg.rounds} rounds of {cfg.local_epochs} local epoch(s)", flush=True)
-    started = time.perf_counter()
-    done = 0
+    progress = Progress(len(cells), time.perf_counter())
     for name, data in datasets.items():
-        ds_out = out if len(datasets) == 1 else out / name
-        ds_out.mkdir(parents=True, exist_ok=True)
-        try:
-            root, sites, num_classes, spatial_dims = prepare_data(data, ds_out)
-        except (ValueError, OSError) as exc:
-            print(f"fedsite simulate: data error ({name}): {exc}", file=sys.stderr)
-            return 2
-        if cfg.holdout and cfg.holdout not in sites:
-            print(f"fedsite simulate: --holdout {cfg.holdout!r} is not a site of {name} ({', '.join(sites)})", file=sys.stderr)
-            return 2
-        print(f"dataset {name}: {len(sites)} sites ({', '.join(sites)}), {num_classes} classes, {spatial_dims}D"
-              + (f"; held out: {cfg.holdout}" if cfg.holdout else ""), flush=True)
-        runs = []
-        for cell in (c for c in cells if c.dataset == name):
-            done += 1
-            cell = replace(cell, model={**cell.model, "spatial-dims": spatial_dims, "in-channels": 1, "out-channels": num_classes})
-            print(f"[{done}/{len(cells)}] {cell.label} seed {cell.seed} ...", flush=True)
-            try:
-                record, reused = run_cell(cfg, data, cell, root, sites, ds_out, args.verbose)
-            except Exception as exc:  # the engine re-raises the ServerApp's exception
-                print(f"fedsite simulate: {cell.label} seed {cell.seed} failed: {exc}", file=sys.stderr)
-                return 1
-            runs.append(record)
-            print(f"      mean Dice {record['mean_dice']:.4f}" + ("  (finished earlier, reused)" if reused else f"  ({record['wall_s']:.1f} s)"), flush=True)
-        eval_sites = [s for s in sites if s != cfg.holdout]
-        results = {
-            "experiment": cfg.name if len(datasets) == 1 else f"{cfg.name}/{name}",
-            "sites": eval_sites,
-            "num_classes": num_classes,
-            "runs": runs,
-            "summary": summarise(runs, eval_sites),
-            "wall_s": time.perf_counter() - started,
-            "command": "fedsite " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("fedsite") else None,
-        }
-        table = write_reports(results, ds_out)
-        print()
-        print(table)
-        write_extra_reports(ds_out, results)
-        from .report_page import write_report_page
+        single = len(datasets) == 1
+        rc = run_dataset(cfg, name, data, out if single else out / name, progress, args.verbose, cfg.name if single else f"{cfg.name}/{name}")
+        if rc:
+            return rc
+    return 0
 
-        page = write_report_page(ds_out, results, cfg, data, root)
-        print(f"\nresults: {ds_out / 'results.json'}, {ds_out / 'results.md'}, {page}  (total {results['wall_s']:.0f} s)")
+
+@dataclass
+class Progress:
+    """Cells started so far, out of all, and when the whole matrix started."""
+
+    total: int
+    started: float
+    done: int = 0
+
+
+def run_dataset(cfg: ExperimentConfig, name: str, data: DataConfig, ds_out: Path, progress: Progress, verbose: bool, label: str) -> int:
+    """Every cell of one dataset, then its tables and reports; a process exit code."""
+    from .cell_identity import code_version
+    from .report import summarise, write_reports
+    from .report_page import write_report_page
+
+    ds_out.mkdir(parents=True, exist_ok=True)
+    try:
+        root, sites, num_classes, spatial_dims = prepare_data(data, ds_out)
+    except (ValueError, OSError) as exc:
+        print(f"fedsite simulate: data error ({name}): {exc}", file=sys.stderr)
+        return 2
+    if cfg.holdout and cfg.holdout not in sites:
+        print(f"fedsite simulate: --holdout {cfg.holdout!r} is not a site of {name} ({', '.join(sites)})", file=sys.stderr)
+        return 2
+    print(f"dataset {name}: {len(sites)} sites ({', '.join(sites)}), {num_classes} classes, {spatial_dims}D"
+          + (f"; held out: {cfg.holdout}" if cfg.holdout else ""), flush=True)
+    runs = []
+    for cell in (c for c in cfg.cells() if c.dataset == name):
+        progress.done += 1
+        cell = replace(cell, model={**cell.model, "spatial-dims": spatial_dims, "in-channels": 1, "out-channels": num_classes})
+        print(f"[{progress.done}/{progress.total}] {cell.label} seed {cell.seed} ...", flush=True)
+        try:
+            record, reused = run_cell(cfg, data, cell, root, sites, ds_out, verbose)
+        except Exception as exc:  # the engine re-raises the ServerApp's exception
+            print(f"fedsite simulate: {cell.label} seed {cell.seed} failed: {exc}", file=sys.stderr)
+            return 1
+        runs.append(record)
+        print(f"      mean Dice {record['mean_dice']:.4f}" + ("  (finished earlier, reused)" if reused else f"  ({record['wall_s']:.1f} s)"), flush=True)
+    eval_sites = [s for s in sites if s != cfg.holdout]
+    results = {
+        "experiment": label,
+        "code_version": code_version(),
+        "sites": eval_sites,
+        "num_classes": num_classes,
+        "runs": runs,
+        "summary": summarise(runs, eval_sites),
+        "wall_s": time.perf_counter() - progress.started,
+        "command": "fedsite " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("fedsite") else None,
+    }
+    print()
+    print(write_reports(results, ds_out))
+    write_extra_reports(ds_out, results)
+    page = write_report_page(ds_out, results, cfg, data, root)
+    print(f"\nresults: {ds_out / RESULTS_FILE}, {ds_out / 'results.md'}, {page}  (total {results['wall_s']:.0f} s)")
     return 0
 
 

@@ -75,3 +75,17 @@ def test_key_set_mismatch(tmp_path):
 def test_run_name_must_be_a_plain_folder(tmp_path):
     with pytest.raises(SiteStateError, match="invalid run name"):
         SiteStateStore(tmp_path, "../escape", "site-a")
+
+
+def test_a_repeated_round_starts_from_the_state_before_it(tmp_path):
+    """A federation resumed after round 2's checkpoint repeats round 3, which a site may have trained already."""
+    store = SiteStateStore(tmp_path, "run1", "site-a")
+    for rnd in (1, 2, 3):
+        store.save({k: v + rnd for k, v in _tensors().items()}, fingerprint="fp", policy="fedbn", round_=rnd)
+    keys = set(_tensors())
+    tensors, rnd = store.load(fingerprint="fp", policy="fedbn", expected_keys=keys, before_round=3)
+    assert rnd == 2 and torch.equal(tensors["n.weight"], torch.ones(4) + 2)
+    assert store.load(fingerprint="fp", policy="fedbn", expected_keys=keys, before_round=4)[1] == 3
+    # a state of a later round than the federation knows: never used silently
+    with pytest.raises(SiteStateError, match=r"no site state from before round 1 \(newest is from round 3"):
+        store.load(fingerprint="fp", policy="fedbn", expected_keys=keys, before_round=1)

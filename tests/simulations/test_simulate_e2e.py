@@ -140,3 +140,38 @@ def test_bad_image_fails_with_the_file_named(tmp_path, capsys):
     code = main(["simulate", "--data", str(data), "--methods", "fedbn", "--seeds", "0", "--rounds", "1", "--device", "cpu", "--out", str(tmp_path / "o")])
     assert code != 0
     assert "case1.nii.gz" in capsys.readouterr().err
+
+
+def _per_site(out):
+    return {r["method"]: r["per_site"] for r in json.loads((out / "results.json").read_text())["runs"]}
+
+
+def test_an_out_folder_of_an_earlier_run_changes_nothing(tmp_path):
+    """The same command gives the same results into a fresh folder and into one an earlier run with other settings left."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY.replace("rounds: 2", "rounds: 1"))
+    fresh, reused = tmp_path / "fresh", tmp_path / "reused"
+    assert main(["simulate", "--config", str(config), "--out", str(reused), "--lr", "0.05"]) == 0
+    assert main(["simulate", "--config", str(config), "--out", str(reused)]) == 0
+    assert main(["simulate", "--config", str(config), "--out", str(fresh)]) == 0
+    assert _per_site(reused) == _per_site(fresh)
+
+
+def test_changed_code_reruns_a_finished_cell(tmp_path, monkeypatch):
+    import simulations.cell_identity as identity
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY.replace("rounds: 2", "rounds: 1"))
+    out = tmp_path / "out"
+    assert main(["simulate", "--config", str(config), "--out", str(out)]) == 0
+    record = json.loads((out / "runs" / "fedbn-seed0" / "cell.json").read_text())
+    assert record["status"] == "finished" and record["code"] == identity.code_version()
+    assert json.loads((out / "results.json").read_text())["code_version"] == identity.code_version()
+    monkeypatch.setattr(identity, "code_version", lambda: "another-version")
+    ran = []
+    import simulations.engine
+
+    original = simulations.engine.run_simulated_federation
+    monkeypatch.setattr(simulations.engine, "run_simulated_federation", lambda *a, **k: ran.append(1) or original(*a, **k))
+    assert main(["simulate", "--config", str(config), "--out", str(out)]) == 0
+    assert ran == [1]
