@@ -78,9 +78,9 @@ class SiteStateStore:
         if before_round is None or round_ < before_round:
             return tensors, round_
         if path == self.path and self.previous.exists():
-            tensors, round_ = self._read(self.previous, fingerprint, policy, expected_keys)
-            if round_ < before_round:
-                return tensors, round_
+            older, older_round = self._read(self.previous, fingerprint, policy, expected_keys)
+            if older_round < before_round:
+                return older, older_round
         raise SiteStateError(
             f"{self.path}: no site state from before round {before_round} (newest is from round {round_}: an earlier "
             "federation of the same run name?); use a new run name or move the file away"
