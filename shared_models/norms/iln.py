@@ -7,14 +7,14 @@ on the other samples of the batch, so there are no running statistics and
 train/eval behave the same (safe with batch size 1).
 
 [UNVERIFIED] details (only the abstract was available), all options:
-``rho_init=0`` (gate 0.5), ``num_groups=32`` with the fallback ``gcd(C, 32)``
-when 32 does not divide C, IN/LN without their own affine, ``eps=1e-5`` in
-all three normalizations.
+``rho_init=0`` (gate 0.5); the cascaded GN uses the largest divisor of C that
+is at most 32 and smaller than C (32 groups from C = 64, two channels a group
+for C <= 32); IN/LN without their own affine; ``eps=1e-5`` in all three
+normalizations. Never one channel a group: GN would then be IN again and
+renormalize the mix back to IN, so rho would have no effect.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +23,16 @@ from torch import nn
 from .registry import TensorRole, register_norm, register_norm_type
 
 
-def iln_num_groups(num_features: int, preferred: int = 32) -> int:
-    """Group count of the cascaded GN: ``preferred`` if it divides C, else gcd(C, preferred)."""
-    return preferred if num_features % preferred == 0 else math.gcd(num_features, preferred)
+def iln_num_groups(num_features: int, num_groups: int | None = None, largest: int = 32) -> int:
+    """Group count of the cascaded GN: the largest divisor of C that is <= ``largest`` and < C (1 for C = 1).
+
+    An explicit ``num_groups`` is honoured as given if it divides C.
+    """
+    if num_groups is not None:
+        if num_groups < 1 or num_features % num_groups:
+            raise ValueError(f"ILN: num_groups={num_groups} does not divide num_features={num_features}")
+        return num_groups
+    return max((g for g in range(1, min(largest, num_features - 1) + 1) if num_features % g == 0), default=1)
 
 
 class InstanceLayerNorm(nn.Module):
@@ -39,7 +46,7 @@ class InstanceLayerNorm(nn.Module):
         self,
         num_features: int,
         spatial_dims: int = 2,
-        num_groups: int = 32,
+        num_groups: int | None = None,
         eps: float = 1e-5,
         rho_init: float = 0.0,
     ):
@@ -73,7 +80,7 @@ class InstanceLayerNorm(nn.Module):
 
 
 def instance_layer_norm(
-    num_features: int, spatial_dims: int, num_groups: int = 32, eps: float = 1e-5, rho_init: float = 0.0
+    num_features: int, spatial_dims: int, num_groups: int | None = None, eps: float = 1e-5, rho_init: float = 0.0
 ) -> nn.Module:
     """Registry factory for :class:`InstanceLayerNorm`."""
     return InstanceLayerNorm(num_features, spatial_dims, num_groups=num_groups, eps=eps, rho_init=rho_init)

@@ -93,10 +93,27 @@ def test_affine_invariance() -> None:
     torch.testing.assert_close(layer(3.0 * x - 2.0), layer(x), atol=1e-4, rtol=1e-4)
 
 
+def test_group_rule_never_one_channel_a_group() -> None:
+    """methods.md §2: 32 groups from C = 64, C/2 for C <= 32, in general the largest divisor <= 32 and < C."""
+    assert [iln_num_groups(c) for c in (1, 2, 4, 7, 8, 12, 16, 32, 48, 64, 128, 96)] == [1, 1, 2, 1, 4, 6, 8, 16, 24, 32, 32, 32]
+    assert iln_num_groups(16, num_groups=16) == 16  # an explicit choice is honoured
+    with pytest.raises(ValueError, match="num_groups=5 does not divide num_features=16"):
+        InstanceLayerNorm(16, 2, num_groups=5)
+
+
+# Every width a shipped configuration or the default model gives a norm layer.
+SHIPPED_WIDTHS = (4, 8, 16, 32, 64, 128)
+
+
+@pytest.mark.parametrize("width", SHIPPED_WIDTHS)
+def test_rho_changes_the_output_at_every_shipped_width(width: int) -> None:
+    torch.manual_seed(0)
+    x = _x(2, width, 8, 8)
+    inst, layer = build_norm("iln", width, 2, rho_init=30.0), build_norm("iln", width, 2, rho_init=-30.0)
+    assert (inst(x) - layer(x)).abs().max() > 0.1
+
+
 def test_group_fallback_and_registry() -> None:
-    assert iln_num_groups(64) == 32
-    assert iln_num_groups(16) == 16
-    assert iln_num_groups(12) == 4
     assert NORMS["iln"].batch_independent
     layer = build_norm("iln", 12, 2, num_groups=4, rho_init=1.0)
     assert isinstance(layer, InstanceLayerNorm) and layer.num_groups == 4
