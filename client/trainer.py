@@ -23,6 +23,7 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
 from torch import nn
 
+from shared_models.norms.optim import has_projections, param_groups, project_
 from shared_models.protocol import TrainSettings
 
 
@@ -98,33 +99,14 @@ def train_local(
     """Train ``model`` in place for ``settings.epochs`` over (images, labels).
 
     ``global_shared`` (parameter name -> tensor) enables the FedProx term
-    ``mu/2 * ||w - w_global||^2`` over those parameters.
+    ``mu/2 * ||w - w_global||^2`` over those parameters. Norm layers get the
+    optimizer groups and post-step projections their registry entry declares.
     """
     device = resolve_device(settings.device)
     fmt = _memory_format(device, settings, images.dim())
     model.to(device=device, memory_format=fmt).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
     use_amp = device.type == "cuda" and settings.amp
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
-    prox = []
-    if settings.proximal_mu > 0 and global_shared:
-        named = dict(model.named_parameters())
-        prox = [(named[k], v.to(device)) for k, v in global_shared.items() if k in named]
-
-    def step(loss: torch.Tensor, clip_value: float | None = None) -> None:
-        if prox:
-            loss = loss + 0.5 * settings.proximal_mu * sum(((p - g) ** 2).sum() for p, g in prox)
-        if not torch.isfinite(loss):
-            raise TrainingDivergedError(f"non-finite training loss ({loss.item()}); lower the learning rate")
-        scaler.scale(loss).backward()
-        if clip_value is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_value_(params, clip_value)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = _Stepper(model, settings, device, use_amp, global_shared)
     generator = torch.Generator().manual_seed(settings.seed)
     custom_step = getattr(model, "training_step", None)
     total_loss, steps, samples = 0.0, 0, 0
@@ -151,6 +133,41 @@ def train_local(
     if not math.isfinite(mean_loss):
         raise TrainingDivergedError(f"non-finite mean training loss {mean_loss}")
     return TrainReport(loss=mean_loss, steps=steps, samples=samples, seconds=time.perf_counter() - started)
+
+
+class _Stepper:
+    """One optimizer step from a loss: FedProx term, divergence guard, (scaled) backward, projections.
+
+    Networks with their own training step (DualNorm-UNet, SelfReg) receive this
+    callable, so every step of every network goes through the same guard and projections.
+    """
+
+    def __init__(self, model: nn.Module, settings: TrainSettings, device: torch.device, use_amp: bool,
+                 global_shared: Mapping[str, torch.Tensor] | None):
+        self.model, self.mu = model, settings.proximal_mu
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(param_groups(model, settings.lr, settings.weight_decay), lr=settings.lr)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
+        self.project = has_projections(model)
+        self.prox = []
+        if self.mu > 0 and global_shared:
+            named = dict(model.named_parameters())
+            self.prox = [(named[k], v.to(device)) for k, v in global_shared.items() if k in named]
+
+    def __call__(self, loss: torch.Tensor, clip_value: float | None = None) -> None:
+        if self.prox:
+            loss = loss + 0.5 * self.mu * sum(((p - g) ** 2).sum() for p, g in self.prox)
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(f"non-finite training loss ({loss.item()}); lower the learning rate")
+        self.scaler.scale(loss).backward()
+        if clip_value is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_value_(self.params, clip_value)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.project:
+            project_(self.model)
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 
 ``y = gamma * (rho * BN(x) + (1 - rho) * IN(x)) + beta`` with a per-channel
 ``rho`` that the authors clamp to [0, 1] after every optimizer step and train
-with 10x the learning rate and no weight decay. The BN part keeps running
+with 10x the learning rate and no weight decay (declared in the registry below;
+the trainer applies it through :mod:`.optim`). The BN part keeps running
 statistics (used in eval); the IN part always uses the sample's own statistics.
 
 The layer owns its BN buffers directly instead of subclassing ``_BatchNorm``:
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import TensorRole, register_norm, register_norm_type
+from .registry import OptimRule, TensorRole, register_norm, register_norm_type
 
 
 class BatchInstanceNorm(nn.Module):
@@ -72,29 +73,9 @@ def batch_instance_norm(
     return BatchInstanceNorm(num_features, spatial_dims, eps=eps, momentum=momentum, rho_init=rho_init)
 
 
-def bin_layers(model: nn.Module) -> list[BatchInstanceNorm]:
-    """Every BIN layer in ``model``."""
-    return [m for m in model.modules() if isinstance(m, BatchInstanceNorm)]
-
-
-@torch.no_grad()
-def clamp_bin_rho_(model: nn.Module) -> None:
-    """Clamp every BIN ``rho`` into [0, 1]; call after each ``optimizer.step()``."""
-    for layer in bin_layers(model):
-        layer.rho.clamp_(0.0, 1.0)
-
-
-def bin_param_groups(
-    model: nn.Module, lr: float, weight_decay: float, rho_lr_multiplier: float = 10.0
-) -> list[dict[str, object]]:
-    """Optimizer groups: every parameter once; BIN's ``rho`` at ``lr * multiplier`` without weight decay."""
-    rho_ids = {id(layer.rho) for layer in bin_layers(model)}
-    rhos = [p for p in model.parameters() if id(p) in rho_ids]
-    others = [p for p in model.parameters() if id(p) not in rho_ids]
-    groups: list[dict[str, object]] = [{"params": others, "lr": lr, "weight_decay": weight_decay}]
-    if rhos:
-        groups.append({"params": rhos, "lr": lr * rho_lr_multiplier, "weight_decay": 0.0})
-    return groups
+def _clamp_rho_(layer: BatchInstanceNorm) -> None:
+    """BIN's projection after each optimizer step: rho back into [0, 1]."""
+    layer.rho.clamp_(0.0, 1.0)
 
 
 register_norm_type(
@@ -107,6 +88,8 @@ register_norm_type(
         "running_var": TensorRole.STATISTIC,
         "num_batches_tracked": TensorRole.STATISTIC,
     },
+    optim={"rho": OptimRule(lr_multiplier=10.0, weight_decay=0.0)},
+    project=_clamp_rho_,
 )
 register_norm(
     "bin",

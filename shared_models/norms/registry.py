@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from torch import nn
@@ -29,6 +29,14 @@ class TensorRole(str, Enum):
     AFFINE = "affine"  # per-channel scale/shift (gamma, beta)
     MIXING = "mixing"  # learned choice between normalizers (SN lambda, ILN/BIN rho)
     MODULATION = "modulation"  # learned maps producing spatial gamma/beta (DualNorm)
+
+
+@dataclass(frozen=True)
+class OptimRule:
+    """How the local optimizer treats some tensors of a norm layer (e.g. BIN's rho: 10x lr, no weight decay)."""
+
+    lr_multiplier: float = 1.0
+    weight_decay: float | None = None  # None: the optimizer's weight decay
 
 
 class NormRegistryError(ValueError):
@@ -56,12 +64,17 @@ class NormType:
 
     cls: type[nn.Module]
     roles: Mapping[str, TensorRole]
+    optim: Mapping[str, OptimRule] = field(default_factory=dict)  # glob over parameter names -> rule
+    project: Callable[[nn.Module], None] | None = None  # applied to the module after every optimizer step
 
     def role_of(self, relative_name: str) -> TensorRole | None:
         for pattern, role in self.roles.items():
             if fnmatch.fnmatchcase(relative_name, pattern):
                 return role
         return None
+
+    def rule_of(self, relative_name: str) -> OptimRule | None:
+        return next((r for pattern, r in self.optim.items() if fnmatch.fnmatchcase(relative_name, pattern)), None)
 
 
 NORMS: dict[str, NormEntry] = {}
@@ -89,11 +102,17 @@ def register_norm(
     NORMS[name] = NormEntry(name, factory, description, batch_independent)
 
 
-def register_norm_type(cls: type[nn.Module], roles: Mapping[str, TensorRole]) -> None:
-    """Declare the tensor roles of a norm module class (used by ``partition``)."""
+def register_norm_type(
+    cls: type[nn.Module],
+    roles: Mapping[str, TensorRole],
+    optim: Mapping[str, OptimRule] | None = None,
+    project: Callable[[nn.Module], None] | None = None,
+) -> None:
+    """Declare the tensor roles of a norm module class (used by ``partition``) and, if the
+    method asks for them, its optimizer rules and post-step projection (used by the trainer)."""
     if cls in NORM_TYPES:
         raise NormRegistryError(f"norm type {cls.__name__} is already registered")
-    NORM_TYPES[cls] = NormType(cls, dict(roles))
+    NORM_TYPES[cls] = NormType(cls, dict(roles), dict(optim or {}), project)
 
 
 def norm_names() -> list[str]:

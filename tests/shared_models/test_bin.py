@@ -8,7 +8,8 @@ from torch import nn
 
 from shared_models import build_model, partition
 from shared_models.norms import NORMS, TensorRole, build_norm
-from shared_models.norms.bin import BatchInstanceNorm, bin_param_groups, clamp_bin_rho_
+from shared_models.norms.bin import BatchInstanceNorm
+from shared_models.norms.optim import param_groups, project_
 
 POLICIES = ("fedavg", "fedbn", "silobn", "local")
 
@@ -44,20 +45,20 @@ def test_rho_zero_is_instance_norm_with_shared_affine() -> None:
 
 def test_clamp_keeps_rho_in_unit_interval_after_a_huge_step() -> None:
     model = nn.Sequential(nn.Conv2d(2, 4, 3), BatchInstanceNorm(4, 2, rho_init=0.5), nn.Conv2d(4, 2, 1))
-    optimizer = torch.optim.SGD(bin_param_groups(model, lr=1.0, weight_decay=0.0), lr=1.0)
+    optimizer = torch.optim.SGD(param_groups(model, lr=1.0, weight_decay=0.0), lr=1.0)
     x = torch.randn(3, 2, 8, 8)
     (model(x) * torch.randn(3, 2, 6, 6)).sum().mul(1e4).backward()
     optimizer.step()
     rho = model[1].rho
     assert ((rho < 0) | (rho > 1)).any()  # the step alone leaves [0, 1] ...
-    clamp_bin_rho_(model)
+    project_(model)
     assert ((rho >= 0) & (rho <= 1)).all()  # ... the clamp brings it back
     assert ((rho == 0) | (rho == 1)).any()
 
 
 def test_param_groups_give_rho_its_lr_and_no_weight_decay() -> None:
     model = nn.Sequential(nn.Conv2d(2, 4, 3), BatchInstanceNorm(4, 2), nn.Conv2d(4, 2, 1), BatchInstanceNorm(2, 2))
-    groups = bin_param_groups(model, lr=0.01, weight_decay=1e-4, rho_lr_multiplier=10.0)
+    groups = param_groups(model, lr=0.01, weight_decay=1e-4)
     assert len(groups) == 2
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())  # every parameter exactly once
@@ -65,7 +66,7 @@ def test_param_groups_give_rho_its_lr_and_no_weight_decay() -> None:
     assert {id(p) for p in rho_group["params"]} == {id(model[1].rho), id(model[3].rho)}
     assert rho_group["lr"] == pytest.approx(0.1) and rho_group["weight_decay"] == 0.0
     assert groups[0]["lr"] == 0.01 and groups[0]["weight_decay"] == 1e-4
-    assert len(bin_param_groups(nn.Conv2d(1, 1, 1), 0.1, 0.0)) == 1
+    assert len(param_groups(nn.Conv2d(1, 1, 1), 0.1, 0.0)) == 1
 
 
 def test_gradient_reaches_rho_for_generic_mix() -> None:
@@ -102,3 +103,23 @@ def test_partition_covers_unet_with_bin(spatial_dims: int, policy: str) -> None:
         assert rhos <= set(split.local)
     if policy == "silobn":
         assert rhos <= set(split.shared)
+
+
+def test_train_local_keeps_rho_in_the_unit_interval_at_a_huge_learning_rate() -> None:
+    """The trainer applies the registry's groups and projection: rho at 10x lr, no decay, clamped every step."""
+    from client.trainer import TrainSettings, _Stepper, train_local
+    from shared_models import build_model
+    from shared_models.losses import make_loss
+
+    torch.manual_seed(0)
+    model = build_model({"name": "unet", "channels": [4, 8], "norm": "bin", "out-channels": 3}, seed=0)
+    images, labels = torch.randn(8, 1, 16, 16), torch.randint(0, 3, (8, 1, 16, 16))
+    settings = TrainSettings(epochs=2, lr=1.0, batch_size=4, weight_decay=0.1)
+    stepper = _Stepper(model, settings, torch.device("cpu"), False, None)
+    rho_ids = {id(m.rho) for m in model.modules() if isinstance(m, BatchInstanceNorm)}
+    (rho_group,) = [g for g in stepper.optimizer.param_groups if {id(p) for p in g["params"]} == rho_ids]
+    assert rho_group["lr"] == pytest.approx(10.0) and rho_group["weight_decay"] == 0.0
+    train_local(model, images, labels, settings, make_loss("dicece", model))
+    rhos = torch.cat([m.rho.detach() for m in model.modules() if isinstance(m, BatchInstanceNorm)])
+    assert ((rhos >= 0) & (rhos <= 1)).all()
+    assert ((rhos == 0) | (rhos == 1)).any()  # the steps did push rho out: the clamp brought it back
