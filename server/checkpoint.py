@@ -50,19 +50,29 @@ def tensors_to_arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({k: Array(t.numpy()) for k, t in tensors.items()})
 
 
+MOMENTS = ("m_t", "v_t")  # FedOpt family: dicts key -> moment
+MOMENTUM = "momentum_vector"  # FedAvgM: a list in key order
+
+
 def strategy_state(strategy: Any) -> dict[str, dict[str, torch.Tensor]]:
-    """Server-side optimiser moments of FedOpt-family strategies (empty otherwise)."""
+    """Server-side optimiser state: FedOpt-family moments, FedAvgM's momentum (empty otherwise)."""
     state = {}
-    for attr in ("m_t", "v_t"):
+    for attr in MOMENTS:
         value = getattr(strategy, attr, None)
         if value:
             state[attr] = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in value.items()}
+    momentum = getattr(strategy, MOMENTUM, None)
+    if momentum:
+        state[MOMENTUM] = {f"{i:06d}": torch.from_numpy(np.array(v, copy=True)) for i, v in enumerate(momentum)}
     return state
 
 
 def restore_strategy_state(strategy: Any, state: dict[str, dict[str, torch.Tensor]]) -> None:
     for attr, arrays in state.items():
-        setattr(strategy, attr, {k: t.numpy() for k, t in arrays.items()})
+        if attr == MOMENTUM:
+            setattr(strategy, attr, [arrays[k].numpy() for k in sorted(arrays)])
+        else:
+            setattr(strategy, attr, {k: t.numpy() for k, t in arrays.items()})
 
 
 class CheckpointStore:

@@ -86,6 +86,7 @@ class Federation:
     result: FederationResult
     checkpoints: CheckpointStore
     global_arrays: ArrayRecord
+    parameter_keys: frozenset[str] = frozenset()  # trainable parameters among the shared keys
     first_round: int = 1
     fingerprints: dict[str, str] = field(default_factory=dict)
 
@@ -106,7 +107,8 @@ class Federation:
         strategy = make_strategy(cfg.strategy, len(roster.train_nodes), json.loads(cfg.strategy_options))
         result = FederationResult(cfg.run_name, policy.name, cfg.strategy, cfg.num_rounds, roster.sites, config=cfg.to_run_config())
         fed = cls(cfg, policy, split, fingerprint, base, roster, strategy, result, CheckpointStore(Path(cfg.out_dir) / "checkpoints", keep=cfg.checkpoint_keep),
-                  ArrayRecord({k: state[k] for k in split.shared}), fingerprints={json.dumps(cfg.model_spec, sort_keys=True): fingerprint})
+                  ArrayRecord({k: state[k] for k in split.shared}), frozenset(n for n, _ in model.named_parameters()),
+                  fingerprints={json.dumps(cfg.model_spec, sort_keys=True): fingerprint})
         ckpt = resume(fed.checkpoints, strategy, run_name=cfg.run_name, fingerprint=fingerprint, policy=policy.name) if cfg.resume else None
         if ckpt is not None:
             fed.global_arrays, fed.first_round = tensors_to_arrays(ckpt.arrays), ckpt.round + 1
@@ -217,7 +219,7 @@ def aggregate(fed: Federation, rnd: int, replies: list[Message], quorum: int) ->
         log.warning("round %d: skipped, global model unchanged (%s)", rnd, reason)
         return reason
     try:
-        aggregated, _ = aggregate_shared(fed.strategy, rnd, replies, fed.global_arrays)
+        aggregated, _ = aggregate_shared(fed.strategy, rnd, replies, fed.global_arrays, fed.parameter_keys)
     except Exception as exc:  # a strategy error must not end a long federation
         reason = f"aggregation failed: {exc.__class__.__name__}: {exc}"
         log.error("round %d: %s; global model unchanged", rnd, reason)

@@ -10,15 +10,54 @@ consume (pop) the arrays of the replies they are given.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    Strategy,
+)
+from flwr.serverapp.strategy.fedopt import FedOpt
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+from shared_models.protocol import ARRAYS
+
+@dataclass(frozen=True)
+class StrategyEntry:
+    """A Flower strategy by name, with the options fedsite exposes and their defaults."""
+
+    cls: type[Strategy]
+    options: Mapping[str, Any] = field(default_factory=dict)  # option -> default (its type is the default's)
+    description: str = ""
+
+
+# What a server-side optimizer acts on: trainable parameters only. Statistics and
+# counters are not parameters; a server Adam step on them would corrupt them.
+SERVER_OPTIMIZERS: tuple[type[Strategy], ...] = (FedOpt, FedAvgM)
+
+STRATEGY_REGISTRY: dict[str, StrategyEntry] = {
+    "fedavg": StrategyEntry(FedAvg, {}, "example-weighted mean"),
+    "fedprox": StrategyEntry(FedProx, {"proximal_mu": 0.01}, "FedAvg with a proximal term at the sites"),
+    "fedadam": StrategyEntry(FedAdam, {"eta": 1e-2, "eta_l": 1e-2, "tau": 1e-3}, "server Adam on the parameters"),
+    "fedyogi": StrategyEntry(FedYogi, {"eta": 1e-2, "eta_l": 0.0316, "tau": 1e-3}, "server Yogi on the parameters"),
+    "fedadagrad": StrategyEntry(FedAdagrad, {"eta": 1e-1, "eta_l": 1e-1, "tau": 1e-9}, "server Adagrad on the parameters"),
+    "fedavgm": StrategyEntry(FedAvgM, {"server_learning_rate": 1.0, "server_momentum": 0.9}, "server momentum on the parameters"),
+    "fedmedian": StrategyEntry(FedMedian, {}, "coordinate-wise median"),
+    "fedtrimmedavg": StrategyEntry(FedTrimmedAvg, {"beta": 0.2}, "trimmed mean"),
+    "krum": StrategyEntry(Krum, {"num_malicious_nodes": 0}, "Krum (Byzantine-robust selection)"),
+}
+STRATEGIES = tuple(STRATEGY_REGISTRY)
 
 
 class StrategyConfigError(ValueError):
@@ -27,25 +66,18 @@ class StrategyConfigError(ValueError):
 
 def make_strategy(name: str, num_nodes: int, options: dict[str, Any] | None = None) -> Strategy:
     """Flower strategy ``name`` that trains and evaluates exactly ``num_nodes`` nodes."""
-    opts = dict(options or {})
-    common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=num_nodes, min_evaluate_nodes=num_nodes, min_available_nodes=num_nodes)
+    if name not in STRATEGY_REGISTRY:
+        raise StrategyConfigError(f"unknown strategy {name!r} (known: {', '.join(STRATEGIES)})")
+    entry, opts = STRATEGY_REGISTRY[name], dict(options or {})
+    unknown = sorted(set(opts) - set(entry.options))
+    if unknown:
+        raise StrategyConfigError(f"strategy {name}: unknown options {unknown} (known: {sorted(entry.options)})")
     try:
-        if name == "fedavg":
-            return FedAvg(**common)
-        if name == "fedprox":
-            return FedProx(**common, proximal_mu=float(opts.pop("proximal_mu", 0.01)))
-        if name == "fedadam":
-            return FedAdam(**common, eta=float(opts.pop("eta", 1e-2)), eta_l=float(opts.pop("eta_l", 1e-2)), tau=float(opts.pop("tau", 1e-3)))
-        if name == "fedmedian":
-            return FedMedian(**common)
-        if name == "fedtrimmedavg":
-            return FedTrimmedAvg(**common, beta=float(opts.pop("beta", 0.2)))
-        if name == "krum":
-            return Krum(**common, num_malicious_nodes=int(opts.pop("num_malicious_nodes", 0)))
-    finally:
-        if opts:
-            raise StrategyConfigError(f"strategy {name}: unknown options {sorted(opts)}")
-    raise StrategyConfigError(f"unknown strategy {name!r} (known: {', '.join(STRATEGIES)})")
+        values = {k: type(default)(opts.get(k, default)) for k, default in entry.options.items()}
+    except (TypeError, ValueError) as exc:
+        raise StrategyConfigError(f"strategy {name}: bad option value ({exc})") from exc
+    common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=num_nodes, min_evaluate_nodes=num_nodes, min_available_nodes=num_nodes)
+    return entry.cls(**common, **values)
 
 
 class TargetedGrid:
@@ -84,13 +116,51 @@ def restore_dtypes(aggregated: ArrayRecord, reference: ArrayRecord) -> ArrayReco
 
 
 def aggregate_shared(
-    strategy: Strategy, server_round: int, replies: list[Message], reference: ArrayRecord
+    strategy: Strategy, server_round: int, replies: list[Message], reference: ArrayRecord, parameter_keys: Iterable[str] | None = None
 ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-    """Run the strategy's aggregation on copies of ``replies``; keep dtypes/keys."""
+    """Run the strategy's aggregation on copies of ``replies``; keep dtypes/keys.
+
+    ``parameter_keys`` names the trainable parameters among the shared keys: a
+    server optimizer (FedAdam, FedYogi, FedAdagrad, FedAvgM) steps on those only,
+    and every other shared tensor (running statistics, counters) is the sites'
+    example-weighted mean.
+    """
     if not len(reference):
         # Nothing is shared (policy "local"): there is nothing to average.
         return reference, None
+    statistics = [] if parameter_keys is None else [k for k in reference if k not in set(parameter_keys)]
+    if statistics and isinstance(strategy, SERVER_OPTIMIZERS):
+        return _aggregate_parameters_and_statistics(strategy, server_round, replies, reference, statistics)
     arrays, metrics = strategy.aggregate_train(server_round, [copy.deepcopy(m) for m in replies])
     if arrays is None:
         return None, metrics
     return restore_dtypes(arrays, reference), metrics
+
+
+def _aggregate_parameters_and_statistics(
+    strategy: Strategy, server_round: int, replies: list[Message], reference: ArrayRecord, statistics: list[str]
+) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    parameters = [k for k in reference if k not in set(statistics)]
+    mean, metrics = FedAvg().aggregate_train(server_round, [_only(m, statistics) for m in replies])
+    if mean is None:
+        return None, metrics
+    merged = dict(mean.items())
+    if parameters:
+        # The optimizer's "current" model is the global one, restricted to what it steps on.
+        if isinstance(strategy, FedOpt):
+            strategy.current_arrays = {k: reference[k].numpy() for k in parameters}
+        else:
+            strategy.current_arrays = ArrayRecord({k: reference[k] for k in parameters})
+        stepped, metrics = strategy.aggregate_train(server_round, [_only(m, parameters) for m in replies])
+        if stepped is None:
+            return None, metrics
+        merged.update(stepped.items())
+    return restore_dtypes(ArrayRecord({k: merged[k] for k in reference}), reference), metrics
+
+
+def _only(message: Message, keys: list[str]) -> Message:
+    """A copy of ``message`` whose ArrayRecord holds only ``keys``."""
+    message = copy.deepcopy(message)
+    arrays = message.content[ARRAYS]
+    message.content[ARRAYS] = ArrayRecord({k: arrays[k] for k in keys})
+    return message

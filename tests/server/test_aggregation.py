@@ -90,3 +90,63 @@ def test_unknown_strategy_and_option():
     with pytest.raises(StrategyConfigError, match="unknown options"):
         make_strategy("fedavg", 2, {"beta": 0.1})
     assert "fedavg" in STRATEGIES
+
+
+BN_REFERENCE = ArrayRecord(
+    {
+        "conv.weight": Array(np.zeros((3,), np.float32)),
+        "bn.running_var": Array(np.ones((3,), np.float32)),
+        "bn.num_batches_tracked": Array(np.array(0, np.int64)),
+    }
+)
+
+
+def _bn_replies(weights, counts, n=(10, 30)):
+    return [
+        make_reply({"conv.weight": np.full((3,), w, np.float32), "bn.running_var": np.full((3,), 6.0, np.float32),
+                    "bn.num_batches_tracked": np.array(c, np.int64)}, n_i, node)
+        for node, (w, c, n_i) in enumerate(zip(weights, counts, n), start=1)
+    ]
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad", "fedavgm"])
+def test_server_optimizers_step_on_parameters_only(name):
+    """Sites all report running_var 6: after 20 rounds the global value is 6 (the weighted mean), not an optimizer's trail."""
+    set_task_identity()
+    from flwr.app import ConfigRecord
+
+    from server.strategy import TargetedGrid
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2]
+
+    strategy, global_arrays = make_strategy(name, 2), BN_REFERENCE
+    for rnd in range(1, 21):
+        list(strategy.configure_train(rnd, global_arrays, ConfigRecord(), TargetedGrid(Grid(), [1, 2])))
+        replies = _bn_replies([1.0, 2.0], [4 * rnd, 8 * rnd])
+        global_arrays, _ = aggregate_shared(strategy, rnd, replies, global_arrays, parameter_keys={"conv.weight"})
+    np.testing.assert_allclose(global_arrays["bn.running_var"].numpy(), np.full((3,), 6.0), rtol=1e-6)
+    assert int(global_arrays["bn.num_batches_tracked"].numpy()) == round((10 * 80 + 30 * 160) / 40)
+    weight = global_arrays["conv.weight"].numpy()
+    assert weight.dtype == np.float32 and not np.allclose(weight, 0.0)  # the parameters did move
+    if name == "fedadam":  # and by the server optimizer's rule, not as a plain mean would
+        assert not np.allclose(weight, (10 * 1.0 + 30 * 2.0) / 40)
+
+
+def test_fedadam_without_parameter_keys_moves_statistics_as_flower_does():
+    """The failure the split prevents: Flower's FedAdam alone drags running_var with an Adam step."""
+    set_task_identity()
+    from flwr.app import ConfigRecord
+
+    from server.strategy import TargetedGrid
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2]
+
+    strategy, global_arrays = make_strategy("fedadam", 2), BN_REFERENCE
+    for rnd in range(1, 21):
+        list(strategy.configure_train(rnd, global_arrays, ConfigRecord(), TargetedGrid(Grid(), [1, 2])))
+        global_arrays, _ = aggregate_shared(strategy, rnd, _bn_replies([1.0, 2.0], [4, 8]), global_arrays)
+    assert abs(float(global_arrays["bn.running_var"].numpy()[0]) - 6.0) > 1.0

@@ -32,9 +32,9 @@ def spy_replies(monkeypatch):
     seen = []
     original = server.rounds.aggregate_shared
 
-    def spy(strategy, rnd, replies, reference):
+    def spy(strategy, rnd, replies, reference, parameter_keys=None):
         seen.extend((rnd, set(r.content["arrays"].keys())) for r in replies)
-        return original(strategy, rnd, replies, reference)
+        return original(strategy, rnd, replies, reference, parameter_keys)
 
     monkeypatch.setattr(server.rounds, "aggregate_shared", spy)
     return seen
