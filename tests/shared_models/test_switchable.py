@@ -217,3 +217,29 @@ def test_partition_covers_unet_with_switchable(spatial_dims: int, policy: str) -
             assert stats <= set(split.local)
         if policy != "local":  # under "local" nothing is shared whatever the override
             assert lambdas <= set(split.local if where == "local" else split.shared)
+
+
+def _direct_switchable(x, lam_mean, lam_var, eps=1e-5):
+    """methods.md §6: mean and variance are softmax(λ)-weighted mixes of the IN, LN and BN moments (variances, not stds)."""
+    dims = tuple(range(2, x.dim()))
+    mean_in, var_in = x.mean(dims, keepdim=True), x.var(dims, keepdim=True, unbiased=False)
+    mean_ln, var_ln = x.mean((1, *dims), keepdim=True), x.var((1, *dims), keepdim=True, unbiased=False)
+    mean_bn, var_bn = x.mean((0, *dims), keepdim=True), x.var((0, *dims), keepdim=True, unbiased=False)
+    wm, wv = torch.softmax(lam_mean, 0), torch.softmax(lam_var, 0)
+    mean = wm[0] * mean_in + wm[1] * mean_ln + wm[2] * mean_bn
+    var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
+    return (x - mean) / torch.sqrt(var + eps)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_non_one_hot_lambda_matches_the_direct_formula(dims):
+    """Generic λ (no branch dominant): softmax(λ/2), mixing stds or a wrong pooled moment would all differ."""
+    torch.manual_seed(3)
+    shape = (4, 5, 6, 7) if dims == 2 else (3, 5, 4, 5, 6)
+    x = torch.randn(*shape) * torch.linspace(0.5, 3.0, 5).view(1, 5, *([1] * dims)) + torch.randn(shape[0], 5, *([1] * dims))
+    layer = SwitchNorm(5, dims).train()
+    lam_mean, lam_var = torch.tensor([0.3, -0.8, 1.1]), torch.tensor([-0.5, 0.9, 0.2])
+    with torch.no_grad():
+        layer.mean_weight.copy_(lam_mean)
+        layer.var_weight.copy_(lam_var)
+    torch.testing.assert_close(layer(x), _direct_switchable(x, lam_mean, lam_var), atol=1e-5, rtol=1e-4)
