@@ -31,8 +31,9 @@ from .exchange import load_local, load_shared, local_tensors, shared_record
 from .global_store import GlobalSnapshot, save_global
 from .site_metrics import record_training
 from .site_paths import SitePaths, resolve_site
-from .site_state import SiteStateError, SiteStateStore
-from .trainer import evaluate_dice, to_batch_tensors, train_local
+from .site_state import DEPLOYED_FILE, SiteStateError, SiteStateStore
+from .refresh import has_local_statistics, refresh_statistics
+from .trainer import evaluate_dice, resolve_device, to_batch_tensors, train_local
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 log = logging.getLogger("fedsite.client")
@@ -157,6 +158,11 @@ def evaluate(message: Message, context: Context) -> Message:
         )
     data = site_tensors(paths, cfg)
     started = time.perf_counter()
+    if cfg.eval_statistics == "refresh" and has_local_statistics(sm.split) and len(data.train_x):
+        refresh_statistics(sm.model, data.train_x, sm.split, cfg.train.batch_size, resolve_device(cfg.train.device))
+        # What `fedsite predict` loads: the model this evaluation scored.
+        SiteStateStore(paths.state_dir, cfg.run_name, paths.site, DEPLOYED_FILE).save(
+            local_tensors(sm.model, sm.split), fingerprint=sm.fingerprint, policy=cfg.policy, round_=cfg.server_round)
     result = evaluate_dice(sm.model, data.test_x, data.test_y, data.num_classes, cfg.train.device, cfg.train.batch_size, cfg.with_hd95)
     metrics = EvalMetrics(result.n, result.dice, result.per_class, result.hd95, result.hd95_per_class, time.perf_counter() - started)
     content = RecordDict({P.METRICS: MetricRecord(metrics.to_record()), P.CONFIG: ConfigRecord({P.SITE_ID: paths.site})})

@@ -4,8 +4,9 @@ Segments NIfTI images with a site's *personalised* model, offline, without the
 server: the newest global shared tensors the site received
 (``<state-dir>/<run>/global_shared.pt``, written atomically by the ClientApp on
 every train/evaluate message, with the model spec, policy, fingerprint and input
-normalization) plus the site's own local tensors
-(``<state-dir>/<run>/local_state.pt``). Both files are checked (run, checksum,
+normalization) plus the site's own local tensors: those its last evaluation scored
+(``<state-dir>/<run>/deployed_state.pt``, statistics refreshed under the final
+weights) or, without one, those of its last training (``local_state.pt``). Both files are checked (run, checksum,
 fingerprint, policy, key set) before anything is loaded.
 
 The input is read and normalized exactly as in training (``client/data.py``),
@@ -50,7 +51,7 @@ def personalised_model(state_dir: Path, site: str, run_name: str | None = None):
 
     from .exchange import load_local, load_shared
     from .global_store import load_global
-    from .site_state import SiteStateStore
+    from .site_state import DEPLOYED_FILE, SiteStateStore
 
     run_name = run_name or latest_run(state_dir)
     snap = load_global(state_dir, run_name)
@@ -62,7 +63,8 @@ def personalised_model(state_dir: Path, site: str, run_name: str | None = None):
     split = partition(model, policy)
     load_shared(model, ArrayRecord({k: v for k, v in snap.tensors.items()}), split, site)
     if split.local:
-        store = SiteStateStore(state_dir, run_name, site)
+        deployed = SiteStateStore(state_dir, run_name, site, DEPLOYED_FILE)  # statistics refreshed at the last evaluation
+        store = deployed if deployed.exists() else SiteStateStore(state_dir, run_name, site)
         if not store.exists():
             raise PredictError(f"{store.path}: no site-local tensors; this site never trained in run {run_name!r}")
         tensors, _ = store.load(fingerprint=fingerprint, policy=policy.name, expected_keys=set(split.local))

@@ -22,7 +22,8 @@ from shared_models.durable import atomic_torch_save, tensors_checksum
 
 FORMAT_VERSION = 1
 STATE_FILE = "local_state.pt"
-PREVIOUS_FILE = "local_state.previous.pt"
+# The local tensors as the site would deploy them: after the last evaluation, with refreshed statistics.
+DEPLOYED_FILE = "deployed_state.pt"
 
 
 class SiteStateError(RuntimeError):
@@ -32,13 +33,13 @@ class SiteStateError(RuntimeError):
 class SiteStateStore:
     """The local tensors of one site for one run (``<state_dir>/<run>/local_state.pt``)."""
 
-    def __init__(self, state_dir: str | Path, run_name: str, site: str):
+    def __init__(self, state_dir: str | Path, run_name: str, site: str, file_name: str = STATE_FILE):
         if not run_name or "/" in run_name or run_name.startswith("."):
             raise SiteStateError(f"invalid run name {run_name!r}: use a plain folder name")
         self.site = site
         self.run_name = run_name
-        self.path = Path(state_dir) / run_name / STATE_FILE
-        self.previous = self.path.with_name(PREVIOUS_FILE)
+        self.path = Path(state_dir) / run_name / file_name
+        self.previous = self.path.with_name(file_name.replace(".pt", ".previous.pt"))
 
     def exists(self) -> bool:
         return self.path.exists() or self.previous.exists()

@@ -40,6 +40,7 @@ class ServerRunConfig:
     intensity: str = _ROUND.intensity
     test_fraction: float = _ROUND.test_fraction
     split_seed: int = _ROUND.split_seed
+    eval_statistics: str = _ROUND.eval_statistics  # refresh | stored (see shared_models.protocol.RoundConfig)
     pooled: bool = False
     data_dir: str = ""  # simulation only: the multi-site root the simulated nodes read
     sites: str = ""  # simulation only: comma-separated site names, partition-id order
@@ -57,6 +58,8 @@ class ServerRunConfig:
         for key in ("num_rounds", "local_epochs", "batch_size", "eval_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key.replace('_', '-')}: must be >= 1, got {getattr(self, key)}")
+        if self.eval_statistics not in ("refresh", "stored"):
+            raise ConfigError(f"eval-statistics: expected 'refresh' or 'stored', got {self.eval_statistics!r}")
         if self.lr <= 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
         for key in ("model", "model_schedule", "policy_overrides", "strategy_options"):
@@ -108,6 +111,7 @@ class ServerRunConfig:
             intensity=self.intensity,
             test_fraction=self.test_fraction,
             split_seed=self.split_seed,
+            eval_statistics=self.eval_statistics,
             sim_sites=tuple(self.site_list),
             sim_data_dir=self.data_dir,
             sim_state_dir=self.state_dir,

@@ -48,6 +48,7 @@ SIM_SITES = "sim-sites"
 SIM_DATA_DIR = "sim-data-dir"
 SIM_STATE_DIR = "sim-state-dir"
 WITH_HD95 = "with-hd95"
+EVAL_STATISTICS = "eval-statistics"
 
 # Keys of a site's replies (site -> server).
 SITE_ID = "site-id"
@@ -116,6 +117,9 @@ class RoundConfig:
     sim_data_dir: str = ""
     sim_state_dir: str = ""
     with_hd95: bool = True  # evaluation: surface distances cost, the server asks for them at the end
+    # evaluation: "refresh" re-estimates site-local norm statistics under the final weights before scoring;
+    # "stored" scores with the statistics of the last local training (what the papers report)
+    eval_statistics: str = "refresh"
 
     @property
     def partition_policy(self) -> Policy:
@@ -145,6 +149,7 @@ _ROUND_KEYS = {
     RUN_NAME: "run_name", FINGERPRINT: "fingerprint", SERVER_ROUND: "server_round", POLICY: "policy",
     LOSS_NAME: "loss", INTENSITY: "intensity", TEST_FRACTION: "test_fraction", SPLIT_SEED: "split_seed",
     SIM_DATA_DIR: "sim_data_dir", SIM_STATE_DIR: "sim_state_dir", WITH_HD95: "with_hd95",
+    EVAL_STATISTICS: "eval_statistics",
 }
 _TRAIN_KEYS = {
     LOCAL_EPOCHS: "epochs", LR: "lr", BATCH_SIZE: "batch_size", SEED: "seed", DEVICE: "device", AMP: "amp",

@@ -110,6 +110,7 @@ class ExperimentConfig:
     device: str = "auto"
     amp: bool = True
     channels_last: bool = True
+    eval_statistics: str = "refresh"  # refresh: site statistics re-estimated under the final weights; stored: as the papers
     client_resources: Resources = field(default_factory=Resources)
 
     def __post_init__(self) -> None:
@@ -126,6 +127,8 @@ class ExperimentConfig:
             raise ConfigError(f"loss: unknown loss {self.loss!r} (known: {', '.join(LOSSES)})")
         if self.rounds < 1 or self.local_epochs < 1:
             raise ConfigError("rounds and local-epochs must be >= 1")
+        if self.eval_statistics not in ("refresh", "stored"):
+            raise ConfigError(f"eval-statistics: expected 'refresh' or 'stored', got {self.eval_statistics!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -2,7 +2,7 @@
 
 Every number is the mean over seeds of a per-site score on that site's held-out
 split, scored with the site's own model; the spread is the standard deviation
-over seeds.
+over seeds and a 95% bootstrap interval (see :mod:`.stats`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 
 from shared_models.durable import atomic_write_text
 from shared_models.protocol import RESULTS_FILE
+
+from .stats import excludes_zero, method_ci
 
 
 def _mean(values: list[float]) -> float:
@@ -49,17 +51,36 @@ def summarise(runs: list[dict[str, Any]], sites: list[str]) -> dict[str, Any]:
             "per_site": {s: _mean(_site_values(mine, s, "dice")) for s in sites},
             "per_site_std": {s: _std(_site_values(mine, s, "dice")) for s in sites},
             "per_site_hd95": {s: _mean(_site_values(mine, s, "hd95")) for s in sites},
+            "ci95": method_ci(runs, method, sites),
         }
     return summary
 
 
+def _spread(s: dict[str, Any]) -> str:
+    """``± std [lo, hi]`` over seeds, or ``n/a`` with a single seed (it has no spread)."""
+    if len(s["seeds"]) < 2:
+        return "n/a"
+    ci = s.get("ci95")
+    return f"± {s['std']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
 def dice_table(results: dict[str, Any]) -> str:
-    """Markdown table: one row per method, one column per site, mean +- std last."""
+    """Markdown table: one row per method, one column per site, mean, ± std over seeds and the 95% CI last."""
     sites = results["sites"]
-    rows = ["| method | " + " | ".join(sites) + " | mean ± std |", "|---|" + "---|" * len(sites) + "---|"]
+    rows = ["| method | " + " | ".join(sites) + " | mean | ± std [95% CI] |", "|---|" + "---|" * len(sites) + "---|---|"]
     for method, s in results["summary"].items():
         cells = " | ".join(f"{s['per_site'][site]:.3f}" for site in sites)
-        rows.append(f"| {method} | {cells} | {s['mean_dice']:.3f} ± {s['std']:.3f} |")
+        rows.append(f"| {method} | {cells} | {s['mean_dice']:.3f} | {_spread(s)} |")
+    return "\n".join(rows)
+
+
+def comparison_table(results: dict[str, Any]) -> str:
+    """Paired differences against the baselines; ``*`` marks an interval that excludes 0."""
+    rows = ["| method | vs | Δ Dice | 95% CI | p (Wilcoxon) | pairs |", "|---|---|---|---|---|---|"]
+    for c in results.get("comparisons", []):
+        ci = f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]" + (" *" if excludes_zero(c["ci95"]) else "") if c["ci95"] else "n/a"
+        p = f"{c['p']:.3g}" if math.isfinite(c["p"]) else "n/a"
+        rows.append(f"| {c['a']} | {c['b']} | {c['diff']:+.3f} | {ci} | {p} | {c['n']} |")
     return "\n".join(rows)
 
 
@@ -71,7 +92,8 @@ def detail_table(results: dict[str, Any]) -> str:
         cells = []
         for site in sites:
             hd = s.get("per_site_hd95", {}).get(site, float("nan"))
-            cells.append(f"{s['per_site'][site]:.3f} ± {s.get('per_site_std', {}).get(site, 0.0):.3f} | {hd:.1f}")
+            spread = f" ± {s.get('per_site_std', {}).get(site, 0.0):.3f}" if len(s["seeds"]) > 1 else ""
+            cells.append(f"{s['per_site'][site]:.3f}{spread} | {hd:.1f}")
         rows.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -88,21 +110,41 @@ def results_csv(results: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
+def rounds_csv(results: dict[str, Any]) -> str:
+    """One row per (round, method, seed, site): the learning curves behind every table."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["round", "method", "seed", "site", "dice", "loss", "seconds", "bytes"])
+    for run in results["runs"]:
+        for entry in run.get("history", []):
+            dice, loss = entry.get("dice", {}), entry.get("train_loss", {})
+            seconds = entry.get("train_s", 0.0) + entry.get("aggregate_s", 0.0)
+            traffic = entry.get("bytes_sent", 0) + entry.get("bytes_received", 0)
+            for site in sorted(set(dice) | set(loss)):
+                writer.writerow([entry["round"], run["method"], run["seed"], site, dice.get(site, ""), loss.get(site, ""),
+                                 f"{seconds:.3f}", traffic])
+    return buf.getvalue()
+
+
 def write_reports(results: dict[str, Any], out: Path) -> str:
     """Write results.json, results.md and results.csv into ``out``; return the Dice table."""
     table = dice_table(results)
     atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2))
     atomic_write_text(out / "results.csv", results_csv(results))
+    atomic_write_text(out / "rounds.csv", rounds_csv(results))
     seeds = sorted({r["seed"] for r in results["runs"]})
     rounds = results["runs"][0]["rounds"] if results["runs"] else 0
     md = [
         f"# {results['experiment']}: per-site Dice",
         "",
         f"Mean foreground Dice on each site's held-out split, scored with that site's own model; "
-        f"mean ± std over seeds {seeds}, {rounds} rounds.",
+        f"mean ± std over seeds {seeds} with a 95% bootstrap interval over (seed, site) cells, {rounds} rounds; "
+        f"code version {results.get('code_version', 'unknown')}.",
         "",
         table,
         "",
+        *(["Paired differences (every federated method against local and FedAvg; * = interval excludes 0):", "",
+           comparison_table(results), ""] if results.get("comparisons") else []),
         "Per site: Dice (mean ± std over seeds) and 95th-percentile Hausdorff distance (voxels, mean over seeds):",
         "",
         detail_table(results),

@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--eval-statistics", choices=("refresh", "stored"),
+                        help="score with site norm statistics re-estimated under the final weights (refresh, default) "
+                             "or as stored by the last local training (stored, as the papers)")
     parser.add_argument("--cpus-per-site", type=float, help="CPU share of each simulated site")
     parser.add_argument("--gpus-per-site", type=float, help="GPU share of each simulated site (e.g. 0.25)")
     parser.add_argument("--holdout", help="a site that never trains; scored after each adaptation option")
@@ -79,6 +82,7 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
         lr=args.lr,
         batch_size=args.batch_size,
         device=args.device,
+        eval_statistics=args.eval_statistics,
         holdout=args.holdout,
         client_resources=resources,
     )
@@ -136,9 +140,10 @@ def run_config_for(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Pa
         device=cfg.device,
         amp=cfg.amp,
         channels_last=cfg.channels_last,
+        eval_statistics=cfg.eval_statistics,
         intensity=data.intensity,
         test_fraction=data.test_fraction,
-        split_seed=data.split_seed,
+        split_seed=data.split_seed + cell.seed,  # each seed its own split, the same for every method
         pooled=m.pooled,
         data_dir=str(root),
         sites=",".join(sites),
@@ -256,6 +261,7 @@ def run_dataset(cfg: ExperimentConfig, name: str, data: DataConfig, ds_out: Path
     """Every cell of one dataset, then its tables and reports; a process exit code."""
     from .cell_identity import code_version
     from .report import summarise, write_reports
+    from .stats import comparisons
     from .report_page import write_report_page
 
     ds_out.mkdir(parents=True, exist_ok=True)
@@ -289,6 +295,7 @@ def run_dataset(cfg: ExperimentConfig, name: str, data: DataConfig, ds_out: Path
         "num_classes": num_classes,
         "runs": runs,
         "summary": summarise(runs, eval_sites),
+        "comparisons": comparisons(runs, eval_sites),
         "wall_s": time.perf_counter() - progress.started,
         "command": "fedsite " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("fedsite") else None,
     }

@@ -49,3 +49,17 @@ def test_duplicate_arm_names_and_unknown_methods_are_rejected():
         from_dict(ExperimentConfig, {"methods": ["fedbn"], "arms": [{"method": "fedbn"}]})
     with pytest.raises(ConfigError, match="unknown method 'fedbm'"):
         from_dict(ExperimentConfig, {"arms": [{"method": "fedbm"}]})
+
+
+def test_each_seed_has_its_own_split_the_same_for_every_method(tmp_path):
+    from simulations.experiment import Arm, Cell, ExperimentConfig
+    from simulations.run import run_config_for
+
+    cfg = ExperimentConfig(methods=("local", "fedbn"), seeds=(0, 1))
+    spec = {"name": "unet", "channels": [4, 8]}
+
+    def split(method, seed):
+        cell = Cell("data", method, Arm(method), spec, seed)
+        return run_config_for(cfg, cfg.data, cell, tmp_path, ["a"], tmp_path / "c")["split-seed"]
+
+    assert split("local", 0) == split("fedbn", 0) != split("fedbn", 1) == split("local", 1)
