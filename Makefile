@@ -20,6 +20,7 @@ demo: setup
 	$(VENV)/bin/fedsite simulate --out runs/demo
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 bench: setup

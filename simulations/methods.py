@@ -29,11 +29,9 @@ METHODS: dict[str, Method] = {
     "fedavg": Method("fedavg", description="every tensor averaged, norm statistics included"),
     "fedprox": Method("fedavg", "fedprox", proximal_mu=0.01, strategy_options={"proximal_mu": 0.01}, description="FedAvg + proximal term"),
     "fedadam": Method("fedavg", "fedadam", description="server-side Adam on the averaged update"),
+    "fedyogi": Method("fedavg", "fedyogi", description="server-side Yogi on the averaged update"),
+    "fedavgm": Method("fedavg", "fedavgm", description="server-side momentum on the averaged update"),
     "fedbn": Method("fedbn", description="every norm-layer tensor stays at its site"),
     "silobn": Method("silobn", description="norm statistics stay at the site, affine shared"),
     "pooled": Method("fedavg", pooled=True, description="centralised training on all sites' data"),
 }
-
-
-def method_names() -> list[str]:
-    return list(METHODS)
