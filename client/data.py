@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -64,7 +65,7 @@ def _case_name(path: Path) -> str | None:
     return None
 
 
-def _scan(folder: Path) -> dict[str, Path]:
+def scan_folder(folder: Path) -> dict[str, Path]:
     """Case name -> file of one images/ or labels/ folder (hidden files ignored)."""
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
@@ -77,22 +78,34 @@ def _scan(folder: Path) -> dict[str, Path]:
     return found
 
 
-def _pairs(site_dir: Path) -> list[tuple[str, Path, Path]]:
-    """(name, image, label) of every case of a site, sorted by name; checks pairing."""
-    images_dir, labels_dir = site_dir / "images", site_dir / "labels"
+def pair_cases(
+    site_dir: Path, images: str = "images", labels: str = "labels", case_of: Callable[[str, Path], str] | None = None
+) -> list[tuple[str, Path, Path]]:
+    """(name, image, label) of every case of a site, sorted by name; checks pairing.
+
+    ``case_of(image_stem, path)`` maps an image file's name to its case when it is
+    not the label's name (nnU-Net's ``case_0000`` channel suffix); it may raise
+    :class:`DataError` for a file the site cannot use.
+    """
+    images_dir, labels_dir = site_dir / images, site_dir / labels
     for folder in (images_dir, labels_dir):
         if not folder.is_dir():
-            raise DataError(f"{folder}: missing folder (a site needs images/ and labels/)")
-    images, labels = _scan(images_dir), _scan(labels_dir)
-    for name, path in images.items():
-        if name not in labels:
-            raise DataError(f"{path}: no label for this image (expected {labels_dir / path.name})")
-    for name, path in labels.items():
-        if name not in images:
+            raise DataError(f"{folder}: missing folder (a site needs {images}/ and {labels}/)")
+    image_files, label_files = scan_folder(images_dir), scan_folder(labels_dir)
+    cases: dict[str, Path] = {}
+    for stem, path in image_files.items():
+        case = stem if case_of is None or stem in label_files else case_of(stem, path)
+        if case not in label_files:
+            raise DataError(f"{path}: no label for this image (expected {labels_dir / (case + '.nii.gz')})")
+        if case in cases:
+            raise DataError(f"{path}: duplicate case {case!r} (also {cases[case]})")
+        cases[case] = path
+    for name, path in label_files.items():
+        if name not in cases:
             raise DataError(f"{path}: label without an image in {images_dir}")
-    if not images:
+    if not cases:
         raise DataError(f"{site_dir}: empty site (no {'/'.join(SUFFIXES)} files in {images_dir})")
-    return [(name, images[name], labels[name]) for name in sorted(images)]
+    return [(name, cases[name], label_files[name]) for name in sorted(cases)]
 
 
 def list_sites(data_dir: str | Path) -> list[str]:
@@ -113,7 +126,7 @@ _LOAD = LoadImage(image_only=True, dtype=np.float32)
 _CHANNEL_FIRST = EnsureChannelFirst()
 
 
-def _read(path: Path, kind: str) -> np.ndarray:
+def read_image(path: Path, kind: str) -> np.ndarray:
     """Channel-first float32 array (1, *S) of one file; 2D stored as (H, W, 1) becomes (1, H, W)."""
     try:
         data = _CHANNEL_FIRST(_LOAD(path, reader=_READER))
@@ -130,7 +143,7 @@ def _read(path: Path, kind: str) -> np.ndarray:
 
 def _read_label(path: Path) -> np.ndarray:
     """Label as int64; non-finite, fractional or negative values are errors."""
-    label = _read(path, "label")
+    label = read_image(path, "label")
     if not np.isfinite(label).all():
         raise DataError(f"{path}: label contains NaN/Inf")
     if not np.array_equal(label, np.round(label)):
@@ -141,8 +154,8 @@ def _read_label(path: Path) -> np.ndarray:
     return label.astype(np.int64)
 
 
-def _read_case(name: str, image_path: Path, label_path: Path, intensity: Intensity) -> Case:
-    image = _read(image_path, "image")
+def read_case(name: str, image_path: Path, label_path: Path, intensity: Intensity) -> Case:
+    image = read_image(image_path, "image")
     if not np.isfinite(image).all():
         raise DataError(f"{image_path}: image contains {int((~np.isfinite(image)).sum())} NaN/Inf voxels")
     label = _read_label(label_path)
@@ -228,7 +241,7 @@ def _check_options(intensity: str, spatial_shape) -> tuple[int, ...] | None:
 
 
 def _build_cases(site_dir: Path, pairs, intensity: Intensity, shape: tuple[int, ...] | None) -> tuple[Case, ...]:
-    cases = [_read_case(name, image, label, intensity) for name, image, label in pairs]
+    cases = [read_case(name, image, label, intensity) for name, image, label in pairs]
     dims = {c.image.ndim - 1 for c in cases}
     if len(dims) > 1:
         first3 = next(c for c in cases if c.image.ndim == 4)
@@ -249,7 +262,7 @@ def load_cases(
     shape = _check_options(intensity, spatial_shape)
     if not site_dir.is_dir():
         raise DataError(f"{site_dir}: site folder does not exist")
-    pairs = _pairs(site_dir)
+    pairs = pair_cases(site_dir)
     key = ("cases", str(site_dir.resolve()), intensity, shape)
     return _cached(key, _fingerprint(pairs), lambda: _build_cases(site_dir, pairs, intensity, shape))
 
@@ -304,7 +317,7 @@ def load_site(
     shape = _check_options(intensity, spatial_shape)
     if not site_dir.is_dir():
         raise DataError(f"{site_dir}: site folder does not exist")
-    pairs = _pairs(site_dir)
+    pairs = pair_cases(site_dir)
     root = site_dir.resolve()
     key = ("site", str(root), float(test_fraction), int(split_seed), num_classes, intensity, shape)
 
@@ -331,7 +344,7 @@ def infer_num_classes(data_dir: str | Path, sites: list[str] | None = None) -> i
     data_dir = Path(data_dir)
     top = -1
     for site in sites if sites is not None else list_sites(data_dir):
-        for _, _, label_path in _pairs(data_dir / site):
+        for _, _, label_path in pair_cases(data_dir / site):
             top = max(top, int(_read_label(label_path).max()))
     if top < 1:
         raise DataError(f"{data_dir}: no foreground label in any label file (max label {top})")

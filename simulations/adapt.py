@@ -45,7 +45,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from client.data import DataError, _read, _read_case, _scan
+from client.data import DataError, read_case, read_image, scan_folder
 from client.site_state import SiteStateStore
 from client.trainer import evaluate_dice, resolve_device, to_batch_tensors
 from server.checkpoint import CheckpointStore
@@ -284,8 +284,8 @@ def load_new_site(site_dir: str | Path, *, intensity: str = "zscore", spatial_sh
         raise DataError(f"{images_dir}: missing folder (the new site needs images/; labels/ is optional)")
     if intensity not in ("zscore", "none"):
         raise ValueError(f"intensity must be 'zscore' or 'none', got {intensity!r}")
-    images = _scan(images_dir)
-    labels = _scan(labels_dir) if labels_dir.is_dir() else {}
+    images = scan_folder(images_dir)
+    labels = scan_folder(labels_dir) if labels_dir.is_dir() else {}
     if not images:
         raise DataError(f"{images_dir}: no .nii/.nii.gz images")
     for name, path in labels.items():
@@ -295,10 +295,10 @@ def load_new_site(site_dir: str | Path, *, intensity: str = "zscore", spatial_sh
     label_arrays: dict[str, np.ndarray] = {}
     for name, path in sorted(images.items()):
         if name in labels:
-            case = _read_case(name, path, labels[name], intensity)  # checks the pair, z-scores
+            case = read_case(name, path, labels[name], intensity)  # checks the pair, z-scores
             arrays[name], label_arrays[name] = case.image, case.label
         else:
-            image = _read(path, "image")
+            image = read_image(path, "image")
             if not np.isfinite(image).all():
                 raise DataError(f"{path}: image contains NaN/Inf")
             arrays[name] = convert_to_numpy(NormalizeIntensity()(image), dtype=np.float32) if intensity == "zscore" else image

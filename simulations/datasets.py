@@ -36,7 +36,7 @@ from monai.data import NibabelReader
 from monai.transforms import EnsureChannelFirst, LoadImage, Orientation, Spacing
 from monai.utils import convert_to_numpy
 
-from client.data import DataError, _pairs, _scan, infer_num_classes, list_sites, load_cases
+from client.data import DataError, infer_num_classes, list_sites, load_cases, pair_cases
 
 FORMAT_VERSION = 1
 LAYOUTS = ("auto", "folder", "msd")
@@ -74,31 +74,18 @@ def detect_layout(src: str | Path) -> str:
 
 
 def msd_pairs(site_dir: str | Path) -> list[tuple[str, Path, Path]]:
-    """(case, image, label) of one MSD/nnU-Net style site, sorted by case name."""
-    site_dir = Path(site_dir)
-    images_dir, labels_dir = site_dir / "imagesTr", site_dir / "labelsTr"
-    for folder in (images_dir, labels_dir):
-        if not folder.is_dir():
-            raise DataError(f"{folder}: missing folder (an MSD/nnU-Net site needs imagesTr/ and labelsTr/)")
-    images, labels = _scan(images_dir), _scan(labels_dir)
-    cases: dict[str, Path] = {}
-    for stem, path in images.items():
-        case = stem
-        if stem not in labels and (m := _CHANNEL.match(stem)):
-            case = m.group("case")
-            if m.group("channel") != "0000":
-                raise DataError(f"{path}: extra input channel {m.group('channel')} (only single-channel _0000 images are supported)")
-        if case not in labels:
-            raise DataError(f"{path}: no label for this image (expected {labels_dir / (case + '.nii.gz')})")
-        if case in cases:
-            raise DataError(f"{path}: duplicate case {case!r} (also {cases[case]})")
-        cases[case] = path
-    for case, path in labels.items():
-        if case not in cases:
-            raise DataError(f"{path}: label without an image in {images_dir}")
-    if not cases:
-        raise DataError(f"{site_dir}: empty site (no .nii/.nii.gz files in {images_dir})")
-    return [(c, cases[c], labels[c]) for c in sorted(cases)]
+    """(case, image, label) of one MSD/nnU-Net style site (``imagesTr/case_0000``, ``labelsTr/case``), sorted."""
+    return pair_cases(Path(site_dir), "imagesTr", "labelsTr", case_of=_nnunet_case)
+
+
+def _nnunet_case(stem: str, path: Path) -> str:
+    """``case_0000`` -> ``case``; other channels are refused (single-channel sites only)."""
+    m = _CHANNEL.match(stem)
+    if m is None:
+        return stem
+    if m.group("channel") != "0000":
+        raise DataError(f"{path}: extra input channel {m.group('channel')} (only single-channel _0000 images are supported)")
+    return m.group("case")
 
 
 # ---------------------------------------------------------------- geometry
@@ -292,7 +279,7 @@ def prepare_dataset(
         return src.resolve()
     _check_out(src, out, all_sites)
 
-    pairs_by_site = {s: (_pairs(src / s) if layout == "folder" else msd_pairs(src / s)) for s in all_sites}
+    pairs_by_site = {s: (pair_cases(src / s) if layout == "folder" else msd_pairs(src / s)) for s in all_sites}
     all_pairs = [p for pairs in pairs_by_site.values() for p in pairs]
     dims, median = median_spacing(all_pairs)
     target = tuple(spacing[:dims]) if spacing is not None else median
