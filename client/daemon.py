@@ -37,6 +37,7 @@ from typing import Any
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from shared_models.config import ConfigError, load_config  # noqa: E402
+from shared_models.endpoint import EndpointSection  # noqa: E402
 from shared_models.executables import env_with_interpreter_bin  # noqa: E402
 
 DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|auto)$")
@@ -44,12 +45,6 @@ NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 RECEIVING = re.compile(r"Receiving: (\w+) message")
 LOST = re.compile(r"Connection attempt failed")
 REGAINED = re.compile(r"Connection successful")
-
-
-@dataclass(frozen=True)
-class HealthSection:
-    host: str = "127.0.0.1"
-    port: int = 9500  # 0 = no endpoint
 
 
 @dataclass(frozen=True)
@@ -61,7 +56,7 @@ class SiteConfig:
     data_dir: str
     state_dir: str
     device: str = "cpu"
-    health: HealthSection = HealthSection()
+    health: EndpointSection = EndpointSection(port=9500)
     runtime_port: int = 9094  # the SuperNode's local ClientApp API (127.0.0.1)
     heartbeat_interval: float = 30.0
     restart_delay: float = 5.0

@@ -119,3 +119,18 @@ class StatusCollector:
 
     def collect(self) -> Iterator[Metric]:
         yield from status_metrics(read_status(self.status_path), self.is_up())
+
+
+class NodesCollector:
+    """``fedsite_server_site_online{site}`` from the SuperLink's node list."""
+
+    def __init__(self, state: dict[str, Any]):
+        self.state = state
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        g = GaugeMetricFamily("fedsite_server_site_online", "1 if the site's SuperNode is online at the SuperLink", labels=["site"])
+        for site, status in sorted(self.state["nodes"].items()):
+            g.add_metric([site], 1.0 if status == "online" else 0.0)
+        yield g

@@ -12,7 +12,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from client.daemon import SiteConfig
-from server.daemon import ServerConfig, run_config, stage_app
+from server.app_bundle import stage_app
+from server.server_config import ServerConfig, run_config
 from server.metrics import StatusCollector, round_status, write_status
 from server.provision import provision
 from server.run_config import ServerRunConfig

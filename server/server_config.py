@@ -1,0 +1,109 @@
+"""``server.yaml``: the schema of the central server's configuration, and the ServerApp run config it gives."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared_models.endpoint import EndpointSection
+
+from .run_config import ServerRunConfig
+
+_RUN = ServerRunConfig(model="{}")  # the federation's defaults are the run config's
+
+
+@dataclass(frozen=True)
+class SuperLinkSection:
+    certfile: str
+    keyfile: str
+    ca_certfile: str
+    host: str = "0.0.0.0"
+    port: int = 9092
+    public_address: str = ""
+    database: str = "state/superlink.db"
+    health_port: int = 0  # Flower's gRPC health service (0 = off)
+
+
+@dataclass(frozen=True)
+class FederationSection:
+    model: dict[str, Any]
+    rounds: int = 20
+    strategy: str = "fedavg"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    policy: str = "fedbn"
+    policy_overrides: dict[str, str] = field(default_factory=dict)
+    loss: str = _RUN.loss
+    local_epochs: int = _RUN.local_epochs
+    lr: float = _RUN.lr
+    batch_size: int = _RUN.batch_size
+    seed: int = _RUN.seed
+    intensity: str = _RUN.intensity
+    test_fraction: float = _RUN.test_fraction
+    split_seed: int = _RUN.split_seed
+    eval_statistics: str = _RUN.eval_statistics  # refresh | stored
+    device: str = _RUN.device  # a site's own `device` (site.yaml) takes precedence
+    min_sites: int = 0  # sites to wait for at the start (0 = every provisioned site)
+    min_train_sites: int = 1  # quorum of valid updates per round
+    wait_seconds: float = 600.0
+    round_timeout: float = 3600.0
+    straggler_grace: float = 300.0
+    eval_every: int = 1
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    superlink: SuperLinkSection
+    sites: dict[str, str]  # site id -> OpenSSH public key file
+    federation: FederationSection
+    work_dir: str = "work"
+    run_name: str = "fedsite"
+    stay_up: bool = False
+    metrics: EndpointSection = EndpointSection(port=9400)
+
+
+class DaemonError(RuntimeError):
+    """The server cannot start or the run failed."""
+
+
+def say(text: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} fedsite server: {text}", flush=True)
+
+
+def resolve(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def run_config(cfg: ServerConfig, out_dir: Path) -> dict[str, Any]:
+    """The ServerApp's run_config: a :class:`ServerRunConfig`, serialised by its one serialiser."""
+    fed = cfg.federation
+    return ServerRunConfig(
+        model=json.dumps(fed.model),
+        run_name=cfg.run_name,
+        out_dir=str(out_dir),
+        num_rounds=fed.rounds,
+        local_epochs=fed.local_epochs,
+        lr=fed.lr,
+        batch_size=fed.batch_size,
+        seed=fed.seed,
+        loss=fed.loss,
+        policy=fed.policy,
+        policy_overrides=json.dumps(fed.policy_overrides),
+        strategy=fed.strategy,
+        strategy_options=json.dumps(fed.strategy_options),
+        device=fed.device,
+        intensity=fed.intensity,
+        test_fraction=fed.test_fraction,
+        split_seed=fed.split_seed,
+        eval_statistics=fed.eval_statistics,
+        min_nodes=fed.min_sites or len(cfg.sites),
+        min_train_nodes=fed.min_train_sites,
+        wait_seconds=fed.wait_seconds,
+        round_timeout=fed.round_timeout,
+        straggler_grace=fed.straggler_grace,
+        eval_every=fed.eval_every,
+        resume=True,
+    ).to_run_config()

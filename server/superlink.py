@@ -1,0 +1,51 @@
+"""The ``flower-superlink`` child process of the server daemon."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from shared_models.executables import console_script
+
+from .server_config import ServerConfig, resolve
+
+
+class SuperLink:
+    """The ``flower-superlink`` child process (own process group)."""
+
+    def __init__(self, cfg: ServerConfig, base: Path, work: Path, env: dict[str, str]):
+        link = cfg.superlink
+        db = resolve(base, link.database)
+        db.parent.mkdir(parents=True, exist_ok=True)
+        self.address = f"{'127.0.0.1' if link.host in ('0.0.0.0', '::', '') else link.host}:{link.port}"
+        self.ca = resolve(base, link.ca_certfile)
+        cmd = [
+            console_script("flower-superlink"),
+            "--ssl-certfile", str(resolve(base, link.certfile)),
+            "--ssl-keyfile", str(resolve(base, link.keyfile)),
+            "--ssl-ca-certfile", str(self.ca),
+            "--enable-supernode-auth",
+            "--database", str(db),
+            "--host", link.host,
+            "--port", str(link.port),
+            "--disable-runtime-dependency-installation",
+        ]
+        if link.health_port:
+            cmd += ["--health-server-address", f"{link.host}:{link.health_port}"]
+        self.log_path = work / "superlink.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (lives as long as the process)
+        # Same process group as the daemon: a signal to the group (Ctrl-C, systemd, docker) reaches both.
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.alive():
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
