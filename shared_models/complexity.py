@@ -1,35 +1,21 @@
-"""Parameter and multiply-accumulate (MAC) counts, measured with forward hooks.
+"""Parameter and multiply-accumulate (MAC) counts.
 
-Why our own counter: the papers we compare with report "-59% parameters, -76%
-FLOPs vs U-Net" and similar; we need the same kind of number for any registered
-model without adding a dependency (thop/fvcore/ptflops).
-
-What ``count_macs`` counts, per sample batch of ``input_shape``:
-
-* convolution (any dims): ``out.numel() * (C_in / groups) * prod(kernel)``;
-* transposed convolution: ``in.numel() * (C_out / groups) * prod(kernel)``
-  (every input element is scattered through the kernel);
-* linear: ``out.numel() * in_features``;
-* normalization (any *leaf* module whose type is a registered norm type):
-  ``in.numel()``, one multiply-add per element for the scale/shift; computing the
-  statistics is not counted. Composite norms are counted through their children.
-
-Not counted: activations, pooling, interpolation, softmax, element-wise sums and
-products, padding/reshapes, and matmuls done in ``torch.*`` functions outside the
-modules above. Biases are not counted separately. The count is taken in eval mode
-under ``torch.no_grad()``, so train-only paths (e.g. SelfReg features) cost nothing.
+MACs come from PyTorch's own FLOP counter (``torch.utils.flop_counter.FlopCounterMode``),
+which counts every convolution, transposed convolution, linear layer, ``matmul``/``bmm``
+and scaled-dot-product attention dispatched during one forward pass, whether it runs in
+a module or in a ``torch.*`` call (attention built from ``torch.matmul`` is counted).
+MACs are its FLOPs / 2. Element-wise work (normalization, activations, pooling,
+interpolation, sums) is not counted, as in the papers' "FLOPs" columns. The count is
+taken in eval mode under ``torch.no_grad()``, so train-only paths cost nothing.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
-
-from .norms.registry import norm_type_of
+from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["count_macs", "count_parameters", "macs_by_module"]
 
@@ -39,54 +25,36 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def _module_macs(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
-    if isinstance(module, _ConvTransposeNd):
-        per_input = (module.out_channels // module.groups) * math.prod(module.kernel_size)
-        return inputs[0].numel() * per_input
-    if isinstance(module, _ConvNd):
-        per_output = (module.in_channels // module.groups) * math.prod(module.kernel_size)
-        return output.numel() * per_output
-    if isinstance(module, nn.Linear):
-        return output.numel() * module.in_features
-    if norm_type_of(module) is not None and not any(True for _ in module.children()):
-        return inputs[0].numel()
-    return 0
-
-
-def macs_by_module(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
-    """MACs of every counted module for one forward pass of a zero tensor of ``input_shape``.
-
-    ``input_shape`` is the full input shape ``(N, C, *spatial)``. A module called
-    several times in one forward pass is summed over its calls.
-    """
-    counts: dict[str, int] = {}
-    handles = []
-
-    def hook_for(name: str):
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            macs = _module_macs(module, inputs, output)
-            if macs:
-                counts[name] = counts.get(name, 0) + macs
-
-        return hook
-
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_hook(hook_for(name)))
+def _count(model: nn.Module, input_shape: Sequence[int]) -> FlopCounterMode:
+    """One eval-mode, no-grad forward pass of a zero tensor of ``input_shape`` under the FLOP counter."""
     was_training = model.training
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    counter = FlopCounterMode(display=False)
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), counter:
             model(torch.zeros(tuple(input_shape), device=device, dtype=dtype))
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
+    return counter
+
+
+def macs_by_module(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
+    """MACs per submodule path (``"3.0"``) for one forward pass; a module's count includes its children's.
+
+    ``input_shape`` is the full input shape ``(N, C, *spatial)``. A module called
+    several times in one forward pass is summed over its calls.
+    """
+    root = type(model).__name__
+    counts = {}
+    for name, ops in _count(model, input_shape).get_flop_counts().items():
+        if name.startswith(root + ".") and (macs := sum(ops.values()) // 2):
+            counts[name[len(root) + 1 :]] = macs
     return counts
 
 
 def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     """Total MACs of one forward pass on an input of shape ``(N, C, *spatial)`` (see module doc)."""
-    return sum(macs_by_module(model, input_shape).values())
+    return _count(model, input_shape).get_total_flops() // 2
