@@ -5,7 +5,7 @@ the supernet is rebuilt as the sites evaluate it: ``build_model(spec)`` + the
 global shared tensors of the run's latest server checkpoint
 (:class:`~server.checkpoint.CheckpointStore`) + a site's local tensors
 (:class:`~client.site_state.SiteStateStore`). Then
-:func:`shared_models.nets.uxnet.architecture_summary` gives the arg-max operator
+:func:`shared_models.nets.uxnet_search.architecture_summary` gives the arg-max operator
 of every block, the top-k inputs of every decoder node and all softmax weights.
 
 * alpha/beta shared (fedavg, fedbn, silobn...): one architecture, the
@@ -46,7 +46,7 @@ def _is_arch_key(key: str) -> bool:
 
 def run_architectures(cell: Cell, sites: list[str]) -> dict[str, Any]:
     """``{"round", "arch_local", "loaded_site", "architectures": {FEDERATION or site: summary}}`` of one run."""
-    from shared_models.nets.uxnet import architecture_summary
+    from shared_models.nets.uxnet_search import architecture_summary
 
     _, split, fingerprint = cell.build()
     arch_local = any(_is_arch_key(k) for k in split.local)

@@ -11,16 +11,8 @@ import torch.nn.functional as F
 
 from shared_models import build_model, partition
 from shared_models.config import ConfigError
-from shared_models.nets.uxnet import (
-    DecoderNode,
-    SearchBlock,
-    arch_parameters,
-    architecture_summary,
-    derive_architecture,
-    discretize,
-    search_step,
-    weight_parameters,
-)
+from shared_models.nets.uxnet import DecoderNode, SearchBlock, arch_parameters, weight_parameters
+from shared_models.nets.uxnet_search import architecture_summary, derive_architecture, discretize, search_step
 
 SMALL = {"name": "uxnet", "channels": [8, 16, 32]}
 HOT = 1e4  # softmax of this logit gap is exactly one-hot in float32
@@ -276,7 +268,8 @@ def test_keep_decoder_chain_keeps_every_decoder_node_alive():
     import torch
 
     from shared_models import build_model
-    from shared_models.nets.uxnet import DecoderNode, derive_architecture
+    from shared_models.nets.uxnet import DecoderNode
+    from shared_models.nets.uxnet_search import derive_architecture
 
     for keep in (False, True):
         model = build_model({"name": "uxnet", "channels": [4, 8, 16], "keep-decoder-chain": keep}, seed=0)

@@ -7,7 +7,8 @@ import torch
 from client.site_state import SiteStateStore
 from server.checkpoint import CheckpointStore, ServerCheckpoint
 from shared_models import architecture_fingerprint, build_model, partition
-from shared_models.nets.uxnet import DecoderNode, SearchBlock, derive_architecture
+from shared_models.nets.uxnet import DecoderNode, SearchBlock
+from shared_models.nets.uxnet_search import derive_architecture
 from shared_models.partition import Policy
 from simulations.arch_report import FEDERATION, write_arch_report
 from tests.helpers import write_federation_json
