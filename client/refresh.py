@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.optim.swa_utils import update_bn
 
 from shared_models.norms import TensorRole
-from shared_models.norms.bin import BatchInstanceNorm
-from shared_models.norms.switchable import SwitchNorm, recompute_sn_bn_stats
 from shared_models.partition import Split
+
+from .adapt import adabn, sn_batch_average
 
 EVAL_STATISTICS = ("refresh", "stored")  # stored: the statistics of the last local training, as the papers score
 
@@ -29,30 +27,11 @@ def has_local_statistics(split: Split) -> bool:
 
 
 @torch.no_grad()
-def refresh_statistics(model: nn.Module, images: torch.Tensor, split: Split, batch_size: int, device: torch.device) -> int:
-    """Re-estimate the site-local running statistics over ``images``; returns the number of batches used."""
+def refresh_statistics(model: nn.Module, images: torch.Tensor, split: Split, batch_size: int, device: torch.device) -> None:
+    """Re-estimate the site-local running statistics over ``images`` (AdaBN's pass, and Switchable
+    Norm's batch average), then put back every tensor the site does not own."""
     keep = {k: v.clone() for k, v in model.state_dict().items() if k not in set(split.local)}
-    model.to(device)
-    batches = [images[i : i + batch_size].to(device) for i in range(0, len(images), batch_size)]
-    batches = [b for b in batches if len(b) > 1] or batches  # BN needs N > 1 in train mode
-    bins = [m for m in model.modules() if isinstance(m, BatchInstanceNorm)]
-    momenta = [m.momentum for m in bins]
-    for layer in bins:  # cumulative average, as update_bn does for nn.BatchNorm
-        layer.running_mean.zero_()
-        layer.running_var.fill_(1.0)
-        layer.num_batches_tracked.zero_()
-        layer.momentum = None
-    try:
-        update_bn(batches, model)  # every _BatchNorm; BIN layers see the same train-mode passes
-        if bins and not any(isinstance(m, _BatchNorm) for m in model.modules()):
-            model.train()  # update_bn skips a model without _BatchNorm
-            for batch in batches:
-                model(batch)
-    finally:
-        for layer, momentum in zip(bins, momenta):
-            layer.momentum = momentum
-    if any(isinstance(m, SwitchNorm) for m in model.modules()):
-        recompute_sn_bn_stats(model, batches, len(batches))
+    adabn(model, images, batch_size, str(device))
+    sn_batch_average(model, images, batch_size, "mean", str(device))
     model.load_state_dict(keep, strict=False)  # shared statistics are the federation's
     model.eval()
-    return len(batches)

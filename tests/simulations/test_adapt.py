@@ -13,7 +13,8 @@ from server.checkpoint import CheckpointStore, ServerCheckpoint
 from shared_models import architecture_fingerprint, build_model, partition
 from shared_models.norms.registry import TensorRole
 from shared_models.norms.switchable import SwitchNorm
-from simulations.adapt import AdaptError, adapt_and_score, adapt_models, average_model, load_finished_run, load_new_site
+from client.adapt import load_new_site
+from simulations.adapt import AdaptError, adapt_and_score, adapt_models, average_model, load_finished_run
 from simulations.cli import main
 from simulations.domain_shift import DEFAULT_PROFILES, generate_dataset
 
