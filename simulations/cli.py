@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "server": ("server.daemon", "run the aggregation server: SuperLink (TLS, node auth, database) + the configured federation"),
     "client": ("client.daemon", "run one site's daemon: a SuperNode with the site's key, data, local state, health and metrics"),
     "predict": ("client.predict", "segment NIfTI images with a site's personalised model (latest global + its local tensors)"),
-    "prepare-data": ("simulations.datasets", "convert per-site folders (foundation or MSD/nnU-Net imagesTr/labelsTr) to the foundation layout, RAS, common spacing"),
+    "prepare-data": ("client.prepare", "convert per-site folders (foundation or MSD/nnU-Net imagesTr/labelsTr) to the foundation layout, RAS, common spacing"),
     "adapt": ("simulations.adapt", "build a never-trained site's model from a finished federation (average, AdaBN, SN batch average) and score it"),
 }
 

@@ -36,7 +36,7 @@ from monai.data import NibabelReader
 from monai.transforms import EnsureChannelFirst, LoadImage, Orientation, Spacing
 from monai.utils import convert_to_numpy
 
-from client.data import DataError, infer_num_classes, list_sites, load_cases, pair_cases
+from .data import DataError, infer_num_classes, list_sites, load_cases, pair_cases
 
 FORMAT_VERSION = 1
 LAYOUTS = ("auto", "folder", "msd")
@@ -265,20 +265,11 @@ def prepare_dataset(
         spacing = tuple(float(s) for s in spacing)
         if len(spacing) not in (2, 3) or min(spacing) <= 0:
             raise ValueError(f"spacing must be 2 or 3 positive values, got {spacing}")
-    if layout == "folder":
-        all_sites = list_sites(src)
-    else:
-        all_sites = [p.name for p in _site_dirs(src) if (p / "imagesTr").is_dir()]
-    if sites is not None:
-        missing = [s for s in sites if s not in all_sites]
-        if missing:
-            raise DataError(f"{src}: no site folder(s) {missing} (found {all_sites})")
-        all_sites = list(sites)
+    all_sites = _selected_sites(src, layout, sites)
     if layout == "folder" and spacing is None:
         _validate_folder(src, all_sites)
         return src.resolve()
     _check_out(src, out, all_sites)
-
     pairs_by_site = {s: (pair_cases(src / s) if layout == "folder" else msd_pairs(src / s)) for s in all_sites}
     all_pairs = [p for pairs in pairs_by_site.values() for p in pairs]
     dims, median = median_spacing(all_pairs)
@@ -298,9 +289,24 @@ def prepare_dataset(
         "cases": {s: [c for c, _, _ in pairs] for s, pairs in pairs_by_site.items()},
         "source_files": _fingerprint(pairs_by_site),
     }
-    if _is_current(out, params):
-        return out
+    if not _is_current(out, params):
+        write_prepared(src, out, pairs_by_site, target, params)
+    return out
 
+
+def _selected_sites(src: Path, layout: str, sites: Sequence[str] | None) -> list[str]:
+    """The site folders to prepare (all, or the requested subset)."""
+    all_sites = list_sites(src) if layout == "folder" else [p.name for p in _site_dirs(src) if (p / "imagesTr").is_dir()]
+    if sites is None:
+        return all_sites
+    missing = [s for s in sites if s not in all_sites]
+    if missing:
+        raise DataError(f"{src}: no site folder(s) {missing} (found {all_sites})")
+    return list(sites)
+
+
+def write_prepared(src: Path, out: Path, pairs_by_site: dict, target: tuple[float, ...], params: dict) -> None:
+    """Resample every case to RAS at ``target`` spacing; ``dataset.json`` last, once the set is complete."""
     _clear_old(out)
     (out / "dataset.json").unlink(missing_ok=True)  # no marker until the new set is complete
     top = 0
@@ -319,7 +325,6 @@ def prepare_dataset(
     tmp = out / ".dataset.json.tmp"
     tmp.write_text(json.dumps(params, indent=2) + "\n")
     os.replace(tmp, out / "dataset.json")
-    return out
 
 
 # ---------------------------------------------------------------- CLI: fedsite prepare-data

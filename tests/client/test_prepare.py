@@ -1,4 +1,4 @@
-"""simulations.datasets: foundation-layout pass-through and MSD/nnU-Net conversion (RAS, common spacing)."""
+"""client.prepare: foundation-layout pass-through and MSD/nnU-Net conversion (RAS, common spacing)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from client.data import DataError, load_site
 from simulations.cli import main
-from simulations.datasets import detect_layout, prepare_dataset
+from client.prepare import detect_layout, prepare_dataset
 from simulations.domain_shift import DEFAULT_PROFILES, generate_dataset
 
 RAS_3MM_Z = np.diag([1.0, 1.0, 3.0, 1.0])  # thick slices
