@@ -1,7 +1,6 @@
 """The ``fedsite`` command: one entry point, one module per sub-command.
 
-Sub-command modules are imported lazily (torch/flwr import time is paid only by
-the command that needs it). Each module exposes ``add_arguments(parser)`` and
+Sub-command modules are imported lazily, by one small loader each. Each module exposes ``add_arguments(parser)`` and
 ``run(args) -> int``. This dispatcher lives in ``simulations`` because it is the
 one package allowed to import ``client``, ``server`` and ``shared_models``.
 """
@@ -9,33 +8,110 @@ one package allowed to import ``client``, ``server`` and ``shared_models``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
+from collections.abc import Callable
+from types import ModuleType
 
 # Hospitals are often air-gapped: never phone home, whatever the entry point.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "simulate": ("simulations.run", "run a federated domain-shift experiment on Flower's simulation engine"),
-    "reproduce": ("simulations.reproduce", "run the reference experiments (simulations/configs) and rewrite simulations/RESULTS.md"),
-    "synth": ("simulations.synth_cli", "write the synthetic multi-site domain-shift dataset to disk"),
-    "bench": ("simulations.bench", "measure the training loop and the simulation engine against plain PyTorch"),
-    "bench-norms": ("simulations.bench_norms", "time each registered norm against BatchNorm (2D and 3D) and DualNorm-UNet against the UNet"),
-    "models": ("simulations.models_cli", "list registered models with parameter and MAC counts"),
-    "provision": ("server.provision", "create the federation's CA, server certificate, per-site auth keys, server.yaml and sites/<site>.yaml"),
-    "server": ("server.daemon", "run the aggregation server: SuperLink (TLS, node auth, database) + the configured federation"),
-    "client": ("client.daemon", "run one site's daemon: a SuperNode with the site's key, data, local state, health and metrics"),
-    "predict": ("client.predict", "segment NIfTI images with a site's personalised model (latest global + its local tensors)"),
-    "prepare-data": ("client.prepare", "convert per-site folders (foundation or MSD/nnU-Net imagesTr/labelsTr) to the foundation layout, RAS, common spacing"),
-    "adapt": ("simulations.adapt", "build a never-trained site's model from a finished federation (average, AdaBN, SN batch average) and score it"),
+# Each loader imports its sub-command module when the command runs (torch/flwr import time is paid
+# only by the command that needs it); the imports are plain statements, visible to every tool.
+
+
+def _simulate() -> ModuleType:
+    from simulations import run
+
+    return run
+
+
+def _reproduce() -> ModuleType:
+    from simulations import reproduce
+
+    return reproduce
+
+
+def _synth() -> ModuleType:
+    from simulations import synth_cli
+
+    return synth_cli
+
+
+def _bench() -> ModuleType:
+    from simulations import bench
+
+    return bench
+
+
+def _bench_norms() -> ModuleType:
+    from simulations import bench_norms
+
+    return bench_norms
+
+
+def _models() -> ModuleType:
+    from simulations import models_cli
+
+    return models_cli
+
+
+def _provision() -> ModuleType:
+    from server import provision
+
+    return provision
+
+
+def _server() -> ModuleType:
+    from server import daemon
+
+    return daemon
+
+
+def _client() -> ModuleType:
+    from client import daemon
+
+    return daemon
+
+
+def _predict() -> ModuleType:
+    from client import predict
+
+    return predict
+
+
+def _prepare_data() -> ModuleType:
+    from client import prepare
+
+    return prepare
+
+
+def _adapt() -> ModuleType:
+    from simulations import adapt
+
+    return adapt
+
+
+COMMANDS: dict[str, tuple[Callable[[], ModuleType], str]] = {
+    "simulate": (_simulate, "run a federated domain-shift experiment on Flower's simulation engine"),
+    "reproduce": (_reproduce, "run the reference experiments (simulations/configs) and rewrite simulations/RESULTS.md"),
+    "synth": (_synth, "write the synthetic multi-site domain-shift dataset to disk"),
+    "bench": (_bench, "measure the training loop and the simulation engine against plain PyTorch"),
+    "bench-norms": (_bench_norms, "time each registered norm against BatchNorm (2D and 3D) and DualNorm-UNet against the UNet"),
+    "models": (_models, "list registered models with parameter and MAC counts"),
+    "provision": (_provision, "create the federation's CA, server certificate, per-site auth keys, server.yaml and sites/<site>.yaml"),
+    "server": (_server, "run the aggregation server: SuperLink (TLS, node auth, database) + the configured federation"),
+    "client": (_client, "run one site's daemon: a SuperNode with the site's key, data, local state, health and metrics"),
+    "predict": (_predict, "segment NIfTI images with a site's personalised model (latest global + its local tensors)"),
+    "prepare-data": (_prepare_data, "convert per-site folders (foundation or MSD/nnU-Net imagesTr/labelsTr) to the foundation layout, RAS, common spacing"),
+    "adapt": (_adapt, "build a never-trained site's model from a finished federation (average, AdaBN, SN batch average) and score it"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsite", description="Federated segmentation with site-local normalization.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, description=help_text)
     return parser
 
@@ -49,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     name = argv[0]
-    module = importlib.import_module(COMMANDS[name][0])
+    module = COMMANDS[name][0]()
     sub = argparse.ArgumentParser(prog=f"fedsite {name}", description=COMMANDS[name][1])
     module.add_arguments(sub)
     return int(module.run(sub.parse_args(argv[1:])) or 0)
