@@ -219,27 +219,88 @@ def test_partition_covers_unet_with_switchable(spatial_dims: int, policy: str) -
             assert lambdas <= set(split.local if where == "local" else split.shared)
 
 
-def _direct_switchable(x, lam_mean, lam_var, eps=1e-5):
-    """methods.md §6: mean and variance are softmax(λ)-weighted mixes of the IN, LN and BN moments (variances, not stds)."""
-    dims = tuple(range(2, x.dim()))
-    mean_in, var_in = x.mean(dims, keepdim=True), x.var(dims, keepdim=True, unbiased=False)
-    mean_ln, var_ln = x.mean((1, *dims), keepdim=True), x.var((1, *dims), keepdim=True, unbiased=False)
-    mean_bn, var_bn = x.mean((0, *dims), keepdim=True), x.var((0, *dims), keepdim=True, unbiased=False)
-    wm, wv = torch.softmax(lam_mean, 0), torch.softmax(lam_var, 0)
-    mean = wm[0] * mean_in + wm[1] * mean_ln + wm[2] * mean_bn
-    var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
-    return (x - mean) / torch.sqrt(var + eps)
+# Non-one-hot lambda, checked against methods.md §6.2 written out directly: every
+# statistic straight from x (no derived moments), w = softmax(lambda_mean) over the
+# three means and w' = softmax(lambda_var) over the three VARIANCES.
+LAMBDA_MEAN = (1.3, -0.7, 0.4)
+LAMBDA_VAR = (-0.9, 0.2, 1.1)
 
 
-@pytest.mark.parametrize("dims", [2, 3])
-def test_non_one_hot_lambda_matches_the_direct_formula(dims):
-    """Generic λ (no branch dominant): softmax(λ/2), mixing stds or a wrong pooled moment would all differ."""
-    torch.manual_seed(3)
-    shape = (4, 5, 6, 7) if dims == 2 else (3, 5, 4, 5, 6)
-    x = torch.randn(*shape) * torch.linspace(0.5, 3.0, 5).view(1, 5, *([1] * dims)) + torch.randn(shape[0], 5, *([1] * dims))
-    layer = SwitchNorm(5, dims).train()
-    lam_mean, lam_var = torch.tensor([0.3, -0.8, 1.1]), torch.tensor([-0.5, 0.9, 0.2])
+def _spread_x(n: int, c: int, *spatial: int) -> torch.Tensor:
+    """Samples and channels with different offsets and scales, so IN, LN and BN statistics differ a lot."""
+    gen = torch.Generator().manual_seed(7)
+    scale = torch.linspace(0.5, 3.0, n).view(n, 1, *[1] * len(spatial)) * torch.linspace(0.7, 1.6, c).view(1, c, *[1] * len(spatial))
+    offset = torch.randn(n, c, *[1] * len(spatial), generator=gen) * 2.0
+    return torch.randn(n, c, *spatial, generator=gen) * scale + offset
+
+
+def _mixed(layer: SwitchNorm, lam_mean=LAMBDA_MEAN, lam_var=LAMBDA_VAR) -> SwitchNorm:
     with torch.no_grad():
-        layer.mean_weight.copy_(lam_mean)
-        layer.var_weight.copy_(lam_var)
-    torch.testing.assert_close(layer(x), _direct_switchable(x, lam_mean, lam_var), atol=1e-5, rtol=1e-4)
+        layer.mean_weight.copy_(torch.tensor(lam_mean[: layer.mean_weight.numel()]))
+        layer.var_weight.copy_(torch.tensor(lam_var[: layer.var_weight.numel()]))
+        layer.weight.copy_(torch.linspace(0.5, 1.5, layer.num_features))
+        layer.bias.copy_(torch.linspace(-0.3, 0.3, layer.num_features))
+    return layer
+
+
+def _direct_switch_norm(x: torch.Tensor, layer: SwitchNorm, bn: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """y = gamma (x - sum_k w_k mu_k) / sqrt(sum_k w'_k sigma2_k + eps) + beta; ``bn`` = (mean, var) or None for batch stats."""
+    spatial = tuple(range(2, x.dim()))
+    keep = (1, -1, *[1] * len(spatial))
+    means = [x.mean(spatial, keepdim=True), x.mean((1, *spatial), keepdim=True)]
+    variances = [x.var(spatial, keepdim=True, unbiased=False), x.var((1, *spatial), keepdim=True, unbiased=False)]
+    if layer.using_bn:
+        if bn is None:
+            bn = x.mean((0, *spatial)), x.var((0, *spatial), unbiased=False)
+        means.append(bn[0].view(keep))
+        variances.append(bn[1].view(keep))
+    w, w_var = torch.softmax(layer.mean_weight, 0), torch.softmax(layer.var_weight, 0)
+    mu = sum(w[k] * means[k] for k in range(len(means)))
+    sigma2 = sum(w_var[k] * variances[k] for k in range(len(variances)))
+    return layer.weight.view(keep) * (x - mu) / torch.sqrt(sigma2 + layer.eps) + layer.bias.view(keep)
+
+
+@pytest.mark.parametrize("dims,shape", [(1, (4, 5, 11)), (2, (4, 5, 6, 7)), (3, (3, 4, 3, 4, 5))])
+def test_mixed_lambda_in_training_is_the_softmax_mix_of_means_and_variances(dims: int, shape: tuple[int, ...]) -> None:
+    layer, x = _mixed(SwitchNorm(shape[1], dims)), _spread_x(*shape)
+    torch.testing.assert_close(layer(x), _direct_switch_norm(x, layer, None), atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_lambda_in_eval_uses_the_running_statistics_for_the_bn_branch() -> None:
+    layer, x = _mixed(SwitchNorm(5, 2)), _spread_x(3, 5, 6, 6)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.linspace(-1.0, 2.0, 5))
+        layer.running_var.copy_(torch.linspace(0.3, 4.0, 5))
+    layer.eval()
+    expected = _direct_switch_norm(x, layer, (layer.running_mean, layer.running_var))
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_lambda_without_bn_mixes_in_and_ln_only() -> None:
+    layer, x = _mixed(SwitchNorm(5, 2, using_bn=False)), _spread_x(3, 5, 6, 6)
+    torch.testing.assert_close(layer(x), _direct_switch_norm(x, layer, None), atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_lambda_gradients_match_the_direct_formula() -> None:
+    layer, x = _mixed(SwitchNorm(5, 2)), _spread_x(4, 5, 6, 6)
+    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    (layer(x) * probe).sum().backward()
+    got = [p.grad.clone() for p in (layer.mean_weight, layer.var_weight)]
+    layer.zero_grad()
+    (_direct_switch_norm(x, layer, None) * probe).sum().backward()
+    for mine, direct in zip(got, (layer.mean_weight.grad, layer.var_weight.grad)):
+        torch.testing.assert_close(mine, direct, atol=1e-4, rtol=1e-4)
+
+
+def test_the_mixed_probe_tells_the_formula_from_near_misses() -> None:
+    """The inputs above are discriminating: halving lambda or mixing standard deviations changes the output."""
+    layer, x = _mixed(SwitchNorm(5, 2)), _spread_x(4, 5, 6, 6)
+    spatial = (2, 3)
+    means = [x.mean(spatial, keepdim=True), x.mean((1, 2, 3), keepdim=True), x.mean((0, 2, 3), keepdim=True)]
+    variances = [x.var(d, keepdim=True, unbiased=False) for d in (spatial, (1, 2, 3), (0, 2, 3))]
+    w_var = torch.softmax(layer.var_weight.detach(), 0)
+    mixed_var = sum(w_var[k] * variances[k] for k in range(3))
+    mixed_std = sum(w_var[k] * variances[k].sqrt() for k in range(3)) ** 2
+    assert ((mixed_var - mixed_std).abs() / mixed_var).max() > 0.05
+    assert (torch.softmax(layer.mean_weight.detach(), 0) - torch.softmax(layer.mean_weight.detach() / 2, 0)).abs().max() > 0.05
+    assert max((m - means[0]).abs().max() for m in means[1:]) > 0.5
