@@ -47,6 +47,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[
 
 
 def has_projections(model: nn.Module) -> bool:
+    """Whether any norm layer of ``model`` declares a post-step projection (else the trainer skips the walk)."""
     return any((t := norm_type_of(m)) is not None and t.project is not None for m in model.modules())
 
 

@@ -7,6 +7,8 @@ from monai.networks.utils import one_hot
 from client.trainer import TrainingDivergedError, TrainSettings, evaluate_dice, hd95_per_class, resolve_device, train_local
 from shared_models import build_model
 from shared_models.losses import segmentation_loss
+from shared_models.norms.bin import BatchInstanceNorm
+from shared_models.norms.registry import NORM_TYPES, NormType, OptimRule, TensorRole
 
 SPEC = {"name": "unet", "channels": [4, 8], "norm": "batch", "out-channels": 3}
 
@@ -89,3 +91,79 @@ def test_cuda_request_without_cuda_is_a_clear_error():
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+
+
+class _GatedNorm(torch.nn.Module):
+    """A toy norm type: layer norm times a per-channel ``gain``, plus an ``offset``."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(channels))
+        self.offset = torch.nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        return torch.nn.functional.group_norm(x, 1) * self.gain.view(1, -1, 1, 1) + self.offset.view(1, -1, 1, 1)
+
+
+@pytest.fixture
+def gated_norm_type(monkeypatch):
+    """Declare the toy norm's optimizer rule (``gain`` frozen by lr x 0) and projection (``offset`` into +-0.01)."""
+    projections = []
+
+    def project(layer):
+        projections.append(layer)
+        layer.offset.clamp_(-0.01, 0.01)
+
+    norm_type = NormType(_GatedNorm, {"*": TensorRole.AFFINE}, {"gain": OptimRule(lr_multiplier=0.0, weight_decay=0.0)}, project)
+    monkeypatch.setitem(NORM_TYPES, _GatedNorm, norm_type)
+    return projections
+
+
+def _gated_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), _GatedNorm(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 3, 1))
+
+
+@pytest.mark.parametrize("own_step", [False, True], ids=["plain", "model-owned-step"])
+def test_every_step_applies_the_declared_groups_and_projection(gated_norm_type, own_step):
+    """Any registered norm type, not one special case; also through a model's own two-step training_step."""
+    images, labels = _data()
+    model = _gated_model()
+    if own_step:
+
+        def training_step(x, y, loss_fn, step):
+            step(loss_fn(model(x), y))
+            loss = loss_fn(model(x), y)
+            step(loss, clip_value=1.0)
+            return loss.detach()
+
+        model.training_step = training_step
+    conv_before = model[0].weight.detach().clone()
+    report = train_local(model, images, labels, TrainSettings(epochs=2, batch_size=4, lr=0.5, weight_decay=0.1), segmentation_loss())
+    assert len(gated_norm_type) == report.steps * (2 if own_step else 1)  # one projection per optimizer step
+    assert torch.equal(model[1].gain.detach(), torch.ones(4))  # its group: lr x 0, no decay
+    assert float(model[1].offset.detach().abs().max()) == pytest.approx(0.01)  # pushed out, projected back
+    assert not torch.equal(model[0].weight.detach(), conv_before)  # the rest trains at lr
+
+
+def test_rho_of_bin_stays_in_the_unit_interval_at_a_huge_learning_rate(monkeypatch):
+    """BIN's declared rule reaches the trainer's Adam (rho: lr x 10, no decay) and its clamp follows every step."""
+    optimizers = []
+
+    class RecordingAdam(torch.optim.Adam):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            optimizers.append(self)
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    images, labels = _data()
+    model = build_model({**SPEC, "norm": "bin"}, seed=0)
+    layers = [m for m in model.modules() if isinstance(m, BatchInstanceNorm)]
+    train_local(model, images, labels, TrainSettings(epochs=2, batch_size=4, lr=1.0, weight_decay=0.1), segmentation_loss())
+    (optimizer,) = optimizers
+    (rho_group,) = [g for g in optimizer.param_groups if {id(p) for p in g["params"]} == {id(m.rho) for m in layers}]
+    assert rho_group["lr"] == pytest.approx(10.0) and rho_group["weight_decay"] == 0.0
+    assert all(g["lr"] == 1.0 and g["weight_decay"] == 0.1 for g in optimizer.param_groups if g is not rho_group)
+    rhos = torch.cat([m.rho.detach() for m in layers])
+    assert ((rhos >= 0) & (rhos <= 1)).all()
+    assert ((rhos == 0) | (rhos == 1)).any()  # the steps did push rho out; the clamp brought it back
