@@ -109,9 +109,11 @@ def _bn_replies(weights, counts, n=(10, 30)):
     ]
 
 
-@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad", "fedavgm"])
-def test_server_optimizers_step_on_parameters_only(name):
-    """Sites all report running_var 6: after 20 rounds the global value is 6 (the weighted mean), not an optimizer's trail."""
+SERVER_OPTIMIZERS = ["fedadam", "fedyogi", "fedadagrad", "fedavgm"]
+
+
+def _federate(name, rounds, replies_of, reference, parameter_keys=None):
+    """``rounds`` rounds of ``name`` as the server loop runs them: configure_train, then aggregate_shared."""
     set_task_identity()
     from flwr.app import ConfigRecord
 
@@ -121,11 +123,19 @@ def test_server_optimizers_step_on_parameters_only(name):
         def get_node_ids(self):
             return [1, 2]
 
-    strategy, global_arrays = make_strategy(name, 2), BN_REFERENCE
-    for rnd in range(1, 21):
+    strategy, global_arrays, trail = make_strategy(name, 2), reference, []
+    for rnd in range(1, rounds + 1):
         list(strategy.configure_train(rnd, global_arrays, ConfigRecord(), TargetedGrid(Grid(), [1, 2])))
-        replies = _bn_replies([1.0, 2.0], [4 * rnd, 8 * rnd])
-        global_arrays, _ = aggregate_shared(strategy, rnd, replies, global_arrays, parameter_keys={"conv.weight"})
+        global_arrays, _ = aggregate_shared(strategy, rnd, replies_of(rnd), global_arrays, parameter_keys=parameter_keys)
+        trail.append(global_arrays)
+    return trail
+
+
+@pytest.mark.parametrize("name", SERVER_OPTIMIZERS)
+def test_server_optimizers_step_on_parameters_only(name):
+    """Sites all report running_var 6: after 20 rounds the global value is 6 (the weighted mean), not an optimizer's trail."""
+    trail = _federate(name, 20, lambda rnd: _bn_replies([1.0, 2.0], [4 * rnd, 8 * rnd]), BN_REFERENCE, {"conv.weight"})
+    global_arrays = trail[-1]
     np.testing.assert_allclose(global_arrays["bn.running_var"].numpy(), np.full((3,), 6.0), rtol=1e-6)
     assert int(global_arrays["bn.num_batches_tracked"].numpy()) == round((10 * 80 + 30 * 160) / 40)
     weight = global_arrays["conv.weight"].numpy()
@@ -134,19 +144,40 @@ def test_server_optimizers_step_on_parameters_only(name):
         assert not np.allclose(weight, (10 * 1.0 + 30 * 2.0) / 40)
 
 
+def _site_weights(rnd):
+    """Sites whose parameters wander, so the optimizer's moments matter round after round."""
+    return [np.sin(rnd) + 1.0, 2.0 + 0.5 * np.cos(3 * rnd)]
+
+
+@pytest.mark.parametrize("name", SERVER_OPTIMIZERS)
+def test_the_parameters_follow_the_server_optimizer_exactly_as_without_statistics(name):
+    """Splitting off the statistics leaves the optimizer's trajectory on the parameters bit for bit."""
+    with_stats = _federate(name, 8, lambda rnd: _bn_replies(_site_weights(rnd), [rnd, 2 * rnd]), BN_REFERENCE, {"conv.weight"})
+    only_params = ArrayRecord({"conv.weight": BN_REFERENCE["conv.weight"]})
+
+    def param_replies(rnd):
+        return [make_reply({"conv.weight": np.full((3,), w, np.float32)}, n, node) for node, (w, n) in enumerate(zip(_site_weights(rnd), (10, 30)), 1)]
+
+    alone = _federate(name, 8, param_replies, only_params)
+    for a, b in zip(with_stats, alone):
+        np.testing.assert_array_equal(a["conv.weight"].numpy(), b["conv.weight"].numpy())
+    assert len({round(float(a["conv.weight"].numpy()[0]), 6) for a in alone}) == 8  # it moved every round
+
+
+def test_fedadam_first_round_is_the_adam_step_on_the_parameters():
+    """x1 = x0 + eta_norm * m1 / (sqrt(v1) + tau), m1 = (1 - b1) d, v1 = (1 - b2) d^2, d = weighted mean - x0."""
+    (first,) = _federate("fedadam", 1, lambda rnd: _bn_replies([1.0, 2.0], [3, 5]), BN_REFERENCE, {"conv.weight"})
+    strategy = make_strategy("fedadam", 2)
+    b1, b2, eta, tau = strategy.beta_1, strategy.beta_2, strategy.eta, strategy.tau
+    d = (10 * 1.0 + 30 * 2.0) / 40 - 0.0
+    eta_norm = eta * np.sqrt(1 - b2**2) / (1 - b1**2)  # Flower's bias correction at server_round + 1
+    expected = eta_norm * (1 - b1) * d / (np.sqrt((1 - b2) * d * d) + tau)
+    np.testing.assert_allclose(first["conv.weight"].numpy(), np.full((3,), expected), rtol=1e-5)
+    np.testing.assert_allclose(first["bn.running_var"].numpy(), np.full((3,), 6.0))
+    assert int(first["bn.num_batches_tracked"].numpy()) == round((10 * 3 + 30 * 5) / 40)
+
+
 def test_fedadam_without_parameter_keys_moves_statistics_as_flower_does():
     """The failure the split prevents: Flower's FedAdam alone drags running_var with an Adam step."""
-    set_task_identity()
-    from flwr.app import ConfigRecord
-
-    from server.strategy import TargetedGrid
-
-    class Grid:
-        def get_node_ids(self):
-            return [1, 2]
-
-    strategy, global_arrays = make_strategy("fedadam", 2), BN_REFERENCE
-    for rnd in range(1, 21):
-        list(strategy.configure_train(rnd, global_arrays, ConfigRecord(), TargetedGrid(Grid(), [1, 2])))
-        global_arrays, _ = aggregate_shared(strategy, rnd, _bn_replies([1.0, 2.0], [4, 8]), global_arrays)
-    assert abs(float(global_arrays["bn.running_var"].numpy()[0]) - 6.0) > 1.0
+    trail = _federate("fedadam", 20, lambda rnd: _bn_replies([1.0, 2.0], [4, 8]), BN_REFERENCE)
+    assert abs(float(trail[-1]["bn.running_var"].numpy()[0]) - 6.0) > 1.0
