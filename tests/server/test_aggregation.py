@@ -112,8 +112,8 @@ def _bn_replies(weights, counts, n=(10, 30)):
 SERVER_OPTIMIZERS = ["fedadam", "fedyogi", "fedadagrad", "fedavgm"]
 
 
-def _federate(name, rounds, replies_of, reference, parameter_keys=None):
-    """``rounds`` rounds of ``name`` as the server loop runs them: configure_train, then aggregate_shared."""
+def _federate(name, rounds, replies_of, reference, parameter_keys=None, strategy=None, first=1):
+    """Rounds ``first``..``rounds`` of ``name`` as the server loop runs them: configure_train, then aggregate_shared."""
     set_task_identity()
     from flwr.app import ConfigRecord
 
@@ -123,8 +123,8 @@ def _federate(name, rounds, replies_of, reference, parameter_keys=None):
         def get_node_ids(self):
             return [1, 2]
 
-    strategy, global_arrays, trail = make_strategy(name, 2), reference, []
-    for rnd in range(1, rounds + 1):
+    strategy, global_arrays, trail = strategy or make_strategy(name, 2), reference, []
+    for rnd in range(first, rounds + 1):
         list(strategy.configure_train(rnd, global_arrays, ConfigRecord(), TargetedGrid(Grid(), [1, 2])))
         global_arrays, _ = aggregate_shared(strategy, rnd, replies_of(rnd), global_arrays, parameter_keys=parameter_keys)
         trail.append(global_arrays)
@@ -181,3 +181,24 @@ def test_fedadam_without_parameter_keys_moves_statistics_as_flower_does():
     """The failure the split prevents: Flower's FedAdam alone drags running_var with an Adam step."""
     trail = _federate("fedadam", 20, lambda rnd: _bn_replies([1.0, 2.0], [4, 8]), BN_REFERENCE)
     assert abs(float(trail[-1]["bn.running_var"].numpy()[0]) - 6.0) > 1.0
+
+
+@pytest.mark.parametrize("name", SERVER_OPTIMIZERS)
+def test_a_resumed_server_optimizer_continues_the_uninterrupted_trajectory(name, tmp_path):
+    """The optimizer's state (Adam moments, FedAvgM momentum) goes through the checkpoint and back."""
+    from server.checkpoint import CheckpointStore, ServerCheckpoint, arrays_to_tensors, resume, strategy_state, tensors_to_arrays
+
+    def replies_of(rnd):
+        return _bn_replies(_site_weights(rnd), [rnd, 2 * rnd])
+
+    uninterrupted = _federate(name, 6, replies_of, BN_REFERENCE, {"conv.weight"})
+    strategy = make_strategy(name, 2)
+    third = _federate(name, 3, replies_of, BN_REFERENCE, {"conv.weight"}, strategy=strategy)[-1]
+    store = CheckpointStore(tmp_path)
+    store.save(ServerCheckpoint(3, "run", "fp", "fedavg", arrays_to_tensors(third), strategy_state(strategy), []))
+    fresh = make_strategy(name, 2)
+    ckpt = resume(store, fresh, run_name="run", fingerprint="fp", policy="fedavg")
+    resumed = _federate(name, 6, replies_of, tensors_to_arrays(ckpt.arrays), {"conv.weight"}, strategy=fresh, first=4)
+    for a, b in zip(uninterrupted[3:], resumed):
+        for key in BN_REFERENCE:
+            np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
