@@ -89,7 +89,8 @@ def _owner_chain(key: str) -> Iterable[str]:
 
 def tensor_roles(model: nn.Module) -> dict[str, TensorRole | None]:
     """Role of every state_dict key (``None`` = ordinary, non-norm tensor)."""
-    modules = dict(model.named_modules())
+    # Every path, not only the first: a module reachable twice (MONAI's DynUNet) has state_dict keys under each.
+    modules = dict(model.named_modules(remove_duplicate=False))
     roles: dict[str, TensorRole | None] = {}
     for key in model.state_dict():
         role: TensorRole | None = None

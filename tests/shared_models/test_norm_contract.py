@@ -8,10 +8,8 @@ from shared_models import build_model, partition
 from shared_models.norms import NORMS, NormRegistryError, build_norm, norm_names
 from shared_models.partition import POLICY_LOCAL_ROLES
 
-NORM_NAMES = norm_names()
 
-
-@pytest.mark.parametrize("name", NORM_NAMES)
+@pytest.mark.parametrize("name", norm_names())
 @pytest.mark.parametrize("dims,shape", [(2, (4, 8, 9, 7)), (3, (2, 8, 5, 6, 3))])
 def test_forward_keeps_shape_and_is_finite(name, dims, shape):
     norm = build_norm(name, 8, dims).train()
@@ -22,7 +20,7 @@ def test_forward_keeps_shape_and_is_finite(name, dims, shape):
     y.square().mean().backward()  # differentiable end to end
 
 
-@pytest.mark.parametrize("name", NORM_NAMES)
+@pytest.mark.parametrize("name", norm_names())
 @pytest.mark.parametrize("policy", list(POLICY_LOCAL_ROLES))
 def test_partition_of_unet_is_disjoint_and_complete(name, policy):
     model = build_model({"name": "unet", "channels": [8, 16], "norm": name}, seed=0)
@@ -36,7 +34,7 @@ def test_partition_of_unet_is_disjoint_and_complete(name, policy):
         assert not split.shared
 
 
-@pytest.mark.parametrize("name", NORM_NAMES)
+@pytest.mark.parametrize("name", norm_names())
 def test_fedbn_keeps_every_declared_norm_tensor_local(name):
     model = build_model({"name": "unet", "channels": [8, 16], "norm": name}, seed=0)
     split = partition(model, "fedbn")
@@ -47,7 +45,7 @@ def test_fedbn_keeps_every_declared_norm_tensor_local(name):
     assert all(not k.endswith("conv0.weight") for k in split.local)
 
 
-@pytest.mark.parametrize("name", NORM_NAMES)
+@pytest.mark.parametrize("name", norm_names())
 def test_arrayrecord_round_trip_keeps_dtypes_and_values(name):
     model = build_model({"name": "unet", "channels": [8, 16], "norm": name}, seed=0)
     state = model.state_dict()
