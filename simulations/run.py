@@ -21,6 +21,7 @@ from shared_models.config import ConfigError
 from shared_models.durable import atomic_write_text
 from shared_models.protocol import RESULTS_FILE
 
+from . import interrupt
 from .experiment import Cell, DataConfig, ExperimentConfig, load_experiment, with_overrides
 from .methods import METHODS
 
@@ -240,11 +241,16 @@ def run(args: argparse.Namespace) -> int:
           f"{len(cfg.models) or 1} model(s) x {len(cfg.norms) or 1} norm(s) x {len(cfg.seeds)} seed(s)); "
           f"{cfg.rounds} rounds of {cfg.local_epochs} local epoch(s)", flush=True)
     progress = Progress(len(cells), time.perf_counter())
-    for name, data in datasets.items():
-        single = len(datasets) == 1
-        rc = run_dataset(cfg, name, data, out if single else out / name, progress, args.verbose, cfg.name if single else f"{cfg.name}/{name}")
-        if rc:
-            return rc
+    uninstall = interrupt.install(f"run the same command again to resume (finished cells are kept, the interrupted one "
+                                  f"continues after its last checkpoint in {out / 'runs'})")
+    try:
+        for name, data in datasets.items():
+            single = len(datasets) == 1
+            rc = run_dataset(cfg, name, data, out if single else out / name, progress, args.verbose, cfg.name if single else f"{cfg.name}/{name}")
+            if rc:
+                return rc
+    finally:
+        uninstall()
     return 0
 
 
