@@ -224,6 +224,24 @@ def make_case(
     return _warp(view, spatial_dims, size, deformation, _seed(rng))
 
 
+def _check_options(profiles: tuple[ScannerProfile, ...], cases_per_site: int, spatial_dims: int, size: tuple[int, ...],
+                   include_csf: bool, slice_range: tuple[float, float], slice_thickness: int) -> None:
+    """A ValueError naming the first option the generator cannot honour."""
+    names = [p.name for p in profiles]
+    if spatial_dims not in (2, 3) or len(size) != spatial_dims or min(size) < 8:
+        raise ValueError(f"spatial_dims must be 2 or 3 with that many sizes >= 8, got {spatial_dims}, {size}")
+    if not profiles or len(set(names)) != len(names):
+        raise ValueError(f"need at least one profile and unique site names, got {names}")
+    if cases_per_site < 1:
+        raise ValueError(f"cases_per_site must be >= 1, got {cases_per_site}")
+    if not 0.0 <= slice_range[0] <= slice_range[1] <= 1.0 or slice_thickness < 1:
+        raise ValueError(f"need 0 <= slice_range[0] <= slice_range[1] <= 1 and slice_thickness >= 1, got {slice_range}, {slice_thickness}")
+    num_classes = 4 if include_csf else 3
+    for p in profiles:
+        if len(p.tissue_intensity) < num_classes:
+            raise ValueError(f"{p.name}: needs {num_classes} tissue intensities ({', '.join(CLASS_NAMES[:num_classes])})")
+
+
 def generate_anatomy_dataset(
     out_dir: str | Path,
     *,
@@ -248,18 +266,7 @@ def generate_anatomy_dataset(
     profiles = tuple(profiles)
     size = tuple(int(s) for s in size) if size is not None else ((64, 64) if spatial_dims == 2 else (32, 32, 32))
     names = [p.name for p in profiles]
-    if spatial_dims not in (2, 3) or len(size) != spatial_dims or min(size) < 8:
-        raise ValueError(f"spatial_dims must be 2 or 3 with that many sizes >= 8, got {spatial_dims}, {size}")
-    if not profiles or len(set(names)) != len(names):
-        raise ValueError(f"need at least one profile and unique site names, got {names}")
-    if cases_per_site < 1:
-        raise ValueError(f"cases_per_site must be >= 1, got {cases_per_site}")
-    if not 0.0 <= slice_range[0] <= slice_range[1] <= 1.0 or slice_thickness < 1:
-        raise ValueError(f"need 0 <= slice_range[0] <= slice_range[1] <= 1 and slice_thickness >= 1, got {slice_range}, {slice_thickness}")
-    num_classes = 4 if include_csf else 3
-    for p in profiles:
-        if len(p.tissue_intensity) < num_classes:
-            raise ValueError(f"{p.name}: needs {num_classes} tissue intensities ({', '.join(CLASS_NAMES[:num_classes])})")
+    _check_options(profiles, cases_per_site, spatial_dims, size, include_csf, slice_range, slice_thickness)
     params = _parameters(profiles, cases_per_site, spatial_dims, size, include_csf, slice_range, slice_thickness, deformation, seed)
     if params["nilearn"] is None:
         _require_nilearn()  # raises the install hint
