@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,15 +34,15 @@ from torch import nn
 
 from client.data import DataError
 from client.adapt import NewSite, adabn, average_tensors, load_new_site, sn_batch_average
-from client.site_state import SiteStateStore
 from client.trainer import evaluate_dice
-from server.checkpoint import CheckpointStore
-from shared_models import architecture_fingerprint, build_model
+from shared_models import architecture_fingerprint, build_model, partition
 from shared_models.build import model_config
-from shared_models.protocol import FEDERATION_FILE as RESULT_FILE, RESULTS_FILE
+from shared_models.partition import Split
+from shared_models.protocol import FEDERATION_FILE as RESULT_FILE
+
+from .cells import Cell
 
 OPTIONS = ("average", "adabn", "sn-batch-average")
-_SEED = re.compile(r"-seed(-?\d+)$")
 
 
 class AdaptError(RuntimeError):
@@ -68,72 +67,43 @@ class FinishedRun:
     local: dict[str, dict[str, torch.Tensor]]  # training site -> its site-local tensors
 
 
-def _spec_from_results(cell_dir: Path, run_name: str) -> tuple[dict[str, Any], int] | None:
-    """(model spec, seed) of ``run_name`` in ``OUT/results.json`` next to ``OUT/runs/``."""
-    results = cell_dir.parent.parent / RESULTS_FILE
-    try:
-        runs = json.loads(results.read_text())["runs"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    for run in runs:
-        if f"{run.get('method')}-seed{run.get('seed')}" == run_name and "model" in run:
-            return dict(run["model"]), int(run["seed"])
-    return None
-
-
 def load_finished_run(
     cell_dir: str | Path, train_sites: Sequence[str], *, model_spec: Mapping[str, Any] | None = None, seed: int | None = None
 ) -> FinishedRun:
-    """Read a finished cell; ``model_spec`` defaults to the cell's entry in ``OUT/results.json``."""
-    cell_dir = Path(cell_dir)
-    fed_path = cell_dir / RESULT_FILE
+    """Read a finished cell through :class:`simulations.cells.Cell`; ``model_spec``/``seed`` override its run config."""
+    cell = Cell(Path(cell_dir))
     try:
-        federation = json.loads(fed_path.read_text())
-        run_name, policy = str(federation.get("run_name") or cell_dir.name), str(federation["policy"])
+        config = cell.config
     except FileNotFoundError as exc:
-        raise AdaptError(f"{fed_path}: missing (is {cell_dir} a finished `fedsite simulate` cell, OUT/runs/<arm>-seed<k>?)") from exc
-    except (OSError, ValueError, KeyError, AttributeError) as exc:
-        raise AdaptError(f"{fed_path}: unreadable federation result ({type(exc).__name__}: {exc})") from exc
-    if model_spec is None:
-        found = _spec_from_results(cell_dir, run_name)
-        if found is None:
-            raise AdaptError(
-                f"{cell_dir.parent.parent / 'results.json'}: no run {run_name!r} with a model spec; pass the model spec (--model JSON)"
-            )
-        model_spec, found_seed = found
-        seed = found_seed if seed is None else seed
-    if seed is None:
-        m = _SEED.search(run_name)
-        seed = int(m.group(1)) if m else 0
+        raise AdaptError(f"{exc} (is {cell_dir} a finished `fedsite simulate` cell, OUT/runs/<arm>-seed<k>?)") from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AdaptError(f"{cell.path / RESULT_FILE}: unreadable federation result ({type(exc).__name__}: {exc})") from exc
     if not train_sites:
         raise AdaptError("no training sites given")
-    model = build_model(model_spec, seed=seed)
+    spec = dict(model_spec) if model_spec is not None else cell.model_spec()
+    seed = config.seed if seed is None else seed
+    model = build_model(spec, seed=seed)
     fingerprint = architecture_fingerprint(model)
-    ckpt_dir = cell_dir / "checkpoints"
+    split = partition(model, cell.policy)
     try:
-        ckpt = CheckpointStore(ckpt_dir).latest(run_name=run_name, fingerprint=fingerprint, policy=policy)
+        ckpt = cell.checkpoint(fingerprint)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise AdaptError(str(exc)) from exc
+    local = {site: _site_local(cell, site, split, fingerprint) for site in train_sites} if split.local else {}
+    return FinishedRun(cell.path, config.run_name, cell.policy.name, int(ckpt.round), spec, int(seed), fingerprint,
+                       dict(ckpt.arrays), local)
+
+
+def _site_local(cell: Cell, site: str, split: Split, fingerprint: str) -> dict[str, torch.Tensor]:
+    store = cell.site_store(site)
+    if not store.exists():
+        root = store.path.parents[1]
+        have = sorted(p.name for p in root.parent.iterdir()) if root.parent.is_dir() else []
+        raise AdaptError(f"{store.path}: no site state for training site {site!r} (sites with state: {have})")
+    try:
+        return cell.local_tensors(site, split, fingerprint)
     except RuntimeError as exc:
         raise AdaptError(str(exc)) from exc
-    if ckpt is None:
-        raise AdaptError(f"{ckpt_dir}: no round-NNNN.pt checkpoint")
-    keys = set(model.state_dict())
-    unknown = sorted(set(ckpt.arrays) - keys)
-    if unknown:
-        raise AdaptError(f"{ckpt_dir}: checkpoint tensors not in the model: {unknown[:3]}")
-    local_keys = keys - set(ckpt.arrays)  # complete split: whatever the server does not hold stayed at the sites
-    local: dict[str, dict[str, torch.Tensor]] = {}
-    if local_keys:
-        for site in train_sites:
-            store = SiteStateStore(cell_dir / "site-state" / site, run_name, site)
-            if not store.exists():
-                have = sorted(p.name for p in (cell_dir / "site-state").iterdir()) if (cell_dir / "site-state").is_dir() else []
-                raise AdaptError(f"{store.path}: no site state for training site {site!r} (sites with state: {have})")
-            try:
-                local[site], _ = store.load(fingerprint=fingerprint, policy=policy, expected_keys=local_keys)
-            except RuntimeError as exc:
-                raise AdaptError(str(exc)) from exc
-    return FinishedRun(cell_dir, run_name, policy, int(ckpt.round), dict(model_spec), int(seed), fingerprint,
-                       dict(ckpt.arrays), local)
 
 
 def average_model(run: FinishedRun) -> nn.Module:

@@ -13,6 +13,7 @@ from server.checkpoint import CheckpointStore, ServerCheckpoint
 from shared_models import architecture_fingerprint, build_model, partition
 from shared_models.norms.registry import TensorRole
 from shared_models.norms.switchable import SwitchNorm
+from tests.helpers import write_federation_json
 from client.adapt import load_new_site
 from simulations.adapt import AdaptError, adapt_and_score, adapt_models, average_model, load_finished_run
 from simulations.cli import main
@@ -51,8 +52,7 @@ def make_finished_run(root, spec=BN_SPEC, policy="fedbn", method="fedbn", seed=0
         local[site] = {k: v for k, v in _randomized(model, g).items() if k in split.local}
         if split.local:
             SiteStateStore(cell / "site-state" / site, run_name, site).save(local[site], fingerprint=fingerprint, policy=policy, round_=2)
-    (cell / "federation.json").write_text(json.dumps({"run_name": run_name, "policy": policy, "rounds": 2, "sites": list(SITES)}))
-    (root / "results.json").write_text(json.dumps({"runs": [{"method": method, "federated_method": method, "model": spec, "seed": seed}]}))
+    write_federation_json(cell, run_name, policy, spec, list(SITES), seed=seed)
     return cell, shared, local
 
 
@@ -70,7 +70,7 @@ def _first_norm_input(model, images):
 
 def test_average_is_the_mean_of_the_sites_local_tensors(tmp_path):
     cell, shared, local = make_finished_run(tmp_path)
-    run = load_finished_run(cell, SITES)  # model spec found in OUT/results.json
+    run = load_finished_run(cell, SITES)  # model spec from the cell's run config
     assert run.policy == "fedbn" and run.round == 2 and set(run.local) == set(SITES)
     state = average_model(run).state_dict()
     for key, value in shared.items():
