@@ -37,6 +37,7 @@ from typing import Any
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from shared_models.config import ConfigError, load_config  # noqa: E402
+from shared_models.durable import atomic_write_text  # noqa: E402
 from shared_models.endpoint import EndpointSection  # noqa: E402
 from shared_models.executables import env_with_interpreter_bin  # noqa: E402
 
@@ -97,8 +98,7 @@ def check_device(device: str) -> None:
 
 def write_node_config(path: Path, values: dict[str, str]) -> Path:
     """``--node-config`` as a TOML file (paths with spaces or quotes stay intact)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    atomic_write_text(path, "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
     return path
 
 

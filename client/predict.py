@@ -78,10 +78,10 @@ def segment(model, image_path: Path, intensity: str, device: str = "cpu"):
     import torch
     from monai.transforms import NormalizeIntensity
 
-    from .data import _read
+    from .data import read_image
     from .trainer import predict_labels, resolve_device
 
-    image = _read(image_path, "image")  # (1, *S) float32, as in training
+    image = read_image(image_path, "image")  # (1, *S) float32, as in training
     if not np.isfinite(image).all():
         raise PredictError(f"{image_path}: image contains NaN/Inf voxels")
     if intensity == "zscore":
@@ -103,7 +103,13 @@ def write_label(labels, like: Path, out: Path) -> None:
     header = ref.header.copy()
     header.set_data_dtype(np.int16)
     out.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data.astype(np.int16), ref.affine, header), str(out))
+    suffix = next((s for s in SUFFIXES if out.name.endswith(s)), ".nii.gz")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp{suffix}")  # nibabel picks the format from the suffix
+    try:
+        nib.save(nib.Nifti1Image(data.astype(np.int16), ref.affine, header), str(tmp))
+        os.replace(tmp, out)  # a reader never sees a half-written label map
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _inputs(path: Path, out: Path) -> list[tuple[Path, Path]]:

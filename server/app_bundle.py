@@ -9,6 +9,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from shared_models.durable import atomic_write_text
+
 from .server_config import DaemonError
 
 APP_PACKAGES = ("shared_models", "client", "server")
@@ -49,5 +51,5 @@ def stage_app(dest: Path, config: dict[str, Any]) -> Path:
         *(f"{key} = {_toml_value(value)}" for key, value in config.items()),
         "",
     ]
-    (dest / "pyproject.toml").write_text("\n".join(lines))
+    atomic_write_text(dest / "pyproject.toml", "\n".join(lines))
     return dest

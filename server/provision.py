@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,28 +32,21 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared_models.durable import atomic_write, atomic_write_text
+
 DEFAULT_PORT = 9092
 CA_DAYS = 3650
 CERT_DAYS = 825
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write a secret with owner-only permissions from the first byte on."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    """Write a secret atomically with owner-only permissions from the first byte on (``mkstemp`` is 0600)."""
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    """Write a certificate or public key atomically, world-readable."""
+    atomic_write(path, lambda fh: fh.write(data))
     path.chmod(0o644)
 
 
@@ -140,7 +132,7 @@ def server_yaml(server_host: str, port: int, sites: dict[str, str]) -> dict[str,
         "work-dir": "work",
         "run-name": "fedsite",
         "stay-up": False,
-        "metrics": {"host": "0.0.0.0", "port": 9400},
+        "metrics": {"host": "127.0.0.1", "port": 9400},
         "federation": {
             "rounds": 20,
             "strategy": "fedavg",
@@ -167,8 +159,12 @@ def server_yaml(server_host: str, port: int, sites: dict[str, str]) -> dict[str,
     }
 
 
-def site_yaml(site: str, server_host: str, port: int) -> dict[str, Any]:
-    """One site's configuration (paths relative to the file); no other site's data."""
+def site_yaml(site: str, server_host: str, port: int, index: int = 0) -> dict[str, Any]:
+    """One site's configuration (paths relative to the file); no other site's data.
+
+    ``index`` (the site's place in the bundle) gives each site its own local ports,
+    so a pilot of every site on one host runs from the bundle unedited.
+    """
     return {
         "site-id": site,
         "superlink": f"{server_host}:{port}",
@@ -177,8 +173,8 @@ def site_yaml(site: str, server_host: str, port: int) -> dict[str, Any]:
         "data-dir": f"/srv/fedsite/{site}/data",
         "state-dir": f"/srv/fedsite/{site}/state",
         "device": "cpu",
-        "health": {"host": "0.0.0.0", "port": 9500},
-        "runtime-port": 9094,
+        "health": {"host": "127.0.0.1", "port": 9500 + index},
+        "runtime-port": 9094 + index,
         "heartbeat-interval": 30,
         "restart-delay": 5.0,
     }
@@ -223,13 +219,14 @@ def provision(out: Path, server_host: str, sites: list[str], port: int = DEFAULT
         known[site] = f"server/site-keys/{site}.pub"
         site_file = out / "sites" / f"{site}.yaml"
         if not site_file.exists():
-            site_file.write_text(yaml.safe_dump(site_yaml(site, server_host, int(config["superlink"]["port"])), sort_keys=False))
+            index = list(dict.fromkeys([*known, site])).index(site)
+            atomic_write_text(site_file, yaml.safe_dump(site_yaml(site, server_host, int(config["superlink"]["port"]), index), sort_keys=False))
         written[site] = site_file
     config["sites"] = known
     if "federation" in config and not server_file.exists():
         config["federation"]["min-sites"] = len(known)
         config["federation"]["min-train-sites"] = max(1, (len(known) + 1) // 2)
-    server_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    atomic_write_text(server_file, yaml.safe_dump(config, sort_keys=False))
     written["server"] = server_file
     return written
 

@@ -37,6 +37,7 @@ from client.adapt import NewSite, adabn, average_tensors, load_new_site, sn_batc
 from client.trainer import evaluate_dice
 from shared_models import architecture_fingerprint, build_model, partition
 from shared_models.build import model_config
+from shared_models.durable import atomic_torch_save
 from shared_models.partition import Split
 from shared_models.protocol import FEDERATION_FILE as RESULT_FILE
 
@@ -186,8 +187,8 @@ def adapt_and_score(
         if model is not None and save_dir is not None:
             path = Path(save_dir) / f"{option}.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": run.model_spec, "option": option, "run": run.run_name,
-                        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
+            atomic_torch_save({"model": run.model_spec, "option": option, "run": run.run_name,
+                               "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
             entry["saved"] = str(path)
         results[option] = entry
     return results
