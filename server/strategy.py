@@ -33,6 +33,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from shared_models.protocol import ARRAYS
 
+
 @dataclass(frozen=True)
 class StrategyEntry:
     """A Flower strategy by name, with the options fedsite exposes and their defaults."""
@@ -128,7 +129,8 @@ def aggregate_shared(
     if not len(reference):
         # Nothing is shared (policy "local"): there is nothing to average.
         return reference, None
-    statistics = [] if parameter_keys is None else [k for k in reference if k not in set(parameter_keys)]
+    params = None if parameter_keys is None else set(parameter_keys)
+    statistics = [] if params is None else [k for k in reference if k not in params]
     if statistics and isinstance(strategy, SERVER_OPTIMIZERS):
         return _aggregate_parameters_and_statistics(strategy, server_round, replies, reference, statistics)
     arrays, metrics = strategy.aggregate_train(server_round, [copy.deepcopy(m) for m in replies])
@@ -140,8 +142,10 @@ def aggregate_shared(
 def _aggregate_parameters_and_statistics(
     strategy: Strategy, server_round: int, replies: list[Message], reference: ArrayRecord, statistics: list[str]
 ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-    parameters = [k for k in reference if k not in set(statistics)]
-    mean, metrics = FedAvg().aggregate_train(server_round, [_only(m, statistics) for m in replies])
+    """The server optimizer on ``reference``'s other keys, the example-weighted mean on ``statistics``."""
+    skip = set(statistics)
+    parameters = [k for k in reference if k not in skip]
+    mean, metrics = FedAvg(weighted_by_key=strategy.weighted_by_key).aggregate_train(server_round, [_only(m, statistics) for m in replies])
     if mean is None:
         return None, metrics
     merged = dict(mean.items())
@@ -149,6 +153,7 @@ def _aggregate_parameters_and_statistics(
         # The optimizer's "current" model is the global one, restricted to what it steps on.
         if isinstance(strategy, FedOpt):
             strategy.current_arrays = {k: reference[k].numpy() for k in parameters}
+            _drop_moments(strategy, skip)
         else:
             strategy.current_arrays = ArrayRecord({k: reference[k] for k in parameters})
         stepped, metrics = strategy.aggregate_train(server_round, [_only(m, parameters) for m in replies])
@@ -156,6 +161,14 @@ def _aggregate_parameters_and_statistics(
             return None, metrics
         merged.update(stepped.items())
     return restore_dtypes(ArrayRecord({k: merged[k] for k in reference}), reference), metrics
+
+
+def _drop_moments(strategy: FedOpt, keys: set[str]) -> None:
+    """Forget moments of tensors the optimizer no longer steps on (a checkpoint written before statistics were split off)."""
+    for attr in ("m_t", "v_t"):
+        moments = getattr(strategy, attr)
+        if moments and keys & set(moments):
+            setattr(strategy, attr, {k: v for k, v in moments.items() if k not in keys})
 
 
 def _only(message: Message, keys: list[str]) -> Message:

@@ -202,3 +202,39 @@ def test_a_resumed_server_optimizer_continues_the_uninterrupted_trajectory(name,
     for a, b in zip(uninterrupted[3:], resumed):
         for key in BN_REFERENCE:
             np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
+
+
+def test_moments_of_statistics_from_an_older_checkpoint_are_dropped_not_fatal():
+    """Adam moments that still name statistics (saved before they were split off) must not make every round fail."""
+    strategy = make_strategy("fedadam", 2)
+    strategy.m_t = {k: np.zeros_like(BN_REFERENCE[k].numpy(), dtype=np.float64) for k in BN_REFERENCE}
+    strategy.v_t = {k: np.ones_like(BN_REFERENCE[k].numpy(), dtype=np.float64) for k in BN_REFERENCE}
+    (first,) = _federate("fedadam", 1, lambda rnd: _bn_replies([1.0, 2.0], [3, 5]), BN_REFERENCE, {"conv.weight"}, strategy=strategy)
+    np.testing.assert_allclose(first["bn.running_var"].numpy(), np.full((3,), 6.0))
+    assert set(strategy.m_t) == set(strategy.v_t) == {"conv.weight"}
+    assert not np.allclose(first["conv.weight"].numpy(), 0.0)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_registered_strategy_builds_takes_its_options_and_aggregates(name):
+    """The registry tests itself: each option reaches Flower's strategy, and a round aggregates with dtypes kept."""
+    from server.strategy import STRATEGY_REGISTRY
+
+    options = STRATEGY_REGISTRY[name].options
+    changed = {k: type(v)(v * 2 if isinstance(v, float) else v + 1) for k, v in options.items()}
+    strategy = make_strategy(name, 3, changed)
+    assert {k: getattr(strategy, k) for k in changed} == changed
+    with pytest.raises(StrategyConfigError) as err:
+        make_strategy(name, 3, {"no_such_option": 1})
+    message = str(err.value)
+    assert "\n" not in message and name in message and all(k in message for k in options)
+    arrays = _federate(name, 2, lambda rnd: _replies(), REFERENCE, {"conv.weight"})[-1]
+    assert np.isfinite(arrays["conv.weight"].numpy()).all() and arrays["conv.weight"].numpy().dtype == np.float32
+    assert arrays["norm.num_batches_tracked"].numpy().dtype == np.int64
+
+
+def test_the_operations_guide_names_every_registered_strategy():
+    from pathlib import Path
+
+    guide = (Path(__file__).parents[2] / "deploy" / "OPERATIONS.md").read_text()
+    assert all(name in guide for name in STRATEGIES)
