@@ -86,7 +86,7 @@ class Federation:
     result: FederationResult
     checkpoints: CheckpointStore
     global_arrays: ArrayRecord
-    parameter_keys: frozenset[str] = frozenset()  # trainable parameters among the shared keys
+    parameter_keys: frozenset[str] | None = None  # trainable parameters among the shared keys (None: all keys to the strategy)
     first_round: int = 1
     fingerprints: dict[str, str] = field(default_factory=dict)
 
@@ -107,7 +107,7 @@ class Federation:
         strategy = make_strategy(cfg.strategy, len(roster.train_nodes), json.loads(cfg.strategy_options))
         result = FederationResult(cfg.run_name, policy.name, cfg.strategy, cfg.num_rounds, roster.sites, config=cfg.to_run_config())
         fed = cls(cfg, policy, split, fingerprint, base, roster, strategy, result, CheckpointStore(Path(cfg.out_dir) / "checkpoints", keep=cfg.checkpoint_keep),
-                  ArrayRecord({k: state[k] for k in split.shared}), frozenset(n for n, _ in model.named_parameters()),
+                  ArrayRecord({k: state[k] for k in split.shared}), frozenset(n for n, p in model.named_parameters() if p.requires_grad),
                   fingerprints={json.dumps(cfg.model_spec, sort_keys=True): fingerprint})
         ckpt = resume(fed.checkpoints, strategy, run_name=cfg.run_name, fingerprint=fingerprint, policy=policy.name) if cfg.resume else None
         if ckpt is not None:
