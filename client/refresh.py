@@ -19,9 +19,6 @@ from shared_models.partition import Split
 
 from .adapt import adabn, sn_batch_average
 
-EVAL_STATISTICS = ("refresh", "stored")  # stored: the statistics of the last local training, as the papers score
-
-
 def has_local_statistics(split: Split) -> bool:
     return any(split.roles.get(k) is TensorRole.STATISTIC for k in split.local)
 

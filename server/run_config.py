@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared_models.config import ConfigError, from_dict, to_dict
-from shared_models.protocol import RoundConfig, TrainSettings
+from shared_models.protocol import EVAL_STATISTICS_MODES, RoundConfig, TrainSettings
 
 _TRAIN = TrainSettings()
 _ROUND = RoundConfig(run_name="", model_spec={}, fingerprint="")
@@ -58,8 +58,8 @@ class ServerRunConfig:
         for key in ("num_rounds", "local_epochs", "batch_size", "eval_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key.replace('_', '-')}: must be >= 1, got {getattr(self, key)}")
-        if self.eval_statistics not in ("refresh", "stored"):
-            raise ConfigError(f"eval-statistics: expected 'refresh' or 'stored', got {self.eval_statistics!r}")
+        if self.eval_statistics not in EVAL_STATISTICS_MODES:
+            raise ConfigError(f"eval-statistics: expected one of {list(EVAL_STATISTICS_MODES)}, got {self.eval_statistics!r}")
         if self.lr <= 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
         for key in ("model", "model_schedule", "policy_overrides", "strategy_options"):

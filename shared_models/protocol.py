@@ -49,6 +49,8 @@ SIM_DATA_DIR = "sim-data-dir"
 SIM_STATE_DIR = "sim-state-dir"
 WITH_HD95 = "with-hd95"
 EVAL_STATISTICS = "eval-statistics"
+# Values of EVAL_STATISTICS: re-estimate site statistics under the final weights, or score them as trained (the papers).
+EVAL_STATISTICS_MODES = ("refresh", "stored")
 
 # Keys of a site's replies (site -> server).
 SITE_ID = "site-id"

@@ -10,6 +10,7 @@ from typing import Any
 from shared_models.config import ConfigError, from_dict, load_yaml
 
 from shared_models.losses import LOSSES
+from shared_models.protocol import EVAL_STATISTICS_MODES
 
 from .methods import METHODS
 
@@ -127,8 +128,8 @@ class ExperimentConfig:
             raise ConfigError(f"loss: unknown loss {self.loss!r} (known: {', '.join(LOSSES)})")
         if self.rounds < 1 or self.local_epochs < 1:
             raise ConfigError("rounds and local-epochs must be >= 1")
-        if self.eval_statistics not in ("refresh", "stored"):
-            raise ConfigError(f"eval-statistics: expected 'refresh' or 'stored', got {self.eval_statistics!r}")
+        if self.eval_statistics not in EVAL_STATISTICS_MODES:
+            raise ConfigError(f"eval-statistics: expected one of {list(EVAL_STATISTICS_MODES)}, got {self.eval_statistics!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -19,7 +19,7 @@ from typing import Any
 from server.run_config import ServerRunConfig
 from shared_models.config import ConfigError
 from shared_models.durable import atomic_write_text
-from shared_models.protocol import RESULTS_FILE
+from shared_models.protocol import EVAL_STATISTICS_MODES, RESULTS_FILE
 
 from . import interrupt
 from .experiment import Cell, DataConfig, ExperimentConfig, load_experiment, with_overrides
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--eval-statistics", choices=("refresh", "stored"),
+    parser.add_argument("--eval-statistics", choices=EVAL_STATISTICS_MODES,
                         help="score with site norm statistics re-estimated under the final weights (refresh, default) "
                              "or as stored by the last local training (stored, as the papers)")
     parser.add_argument("--cpus-per-site", type=float, help="CPU share of each simulated site")

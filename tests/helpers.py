@@ -50,3 +50,17 @@ def write_federation_json(cell_dir, run_name: str, policy: str, spec: dict, site
                              out_dir=str(cell_dir), state_dir=str(cell_dir / "site-state"), sites=",".join(sites))
     cell_dir.mkdir(parents=True, exist_ok=True)
     (cell_dir / "federation.json").write_text(json.dumps({"policy": policy, "sites": list(sites), "config": to_dict(config)}))
+
+
+# A two-site, two-round experiment small enough for end-to-end tests of `fedsite simulate`.
+TINY_EXPERIMENT = """
+name: tiny
+data:
+  synthetic: {sites: 2, cases-per-site: 8, spatial-dims: 2, size: [32, 32], num-classes: 3, seed: 0}
+model: {name: unet, channels: [4, 8], norm: batch}
+methods: [fedbn]
+seeds: [0]
+rounds: 2
+batch-size: 4
+device: cpu
+"""

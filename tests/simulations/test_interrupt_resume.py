@@ -9,19 +9,11 @@ import time
 
 import pytest
 
+from tests.helpers import TINY_EXPERIMENT
+
 pytestmark = pytest.mark.slow
 
-TINY = """
-name: tiny
-data:
-  synthetic: {sites: 2, cases-per-site: 8, spatial-dims: 2, size: [32, 32], num-classes: 3, seed: 0}
-model: {name: unet, channels: [4, 8], norm: batch}
-methods: [fedbn]
-seeds: [0]
-rounds: 4
-batch-size: 4
-device: cpu
-"""
+TINY = TINY_EXPERIMENT.replace("rounds: 2", "rounds: 4")
 
 
 def _simulate(config, out, log):

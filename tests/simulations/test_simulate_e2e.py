@@ -10,20 +10,11 @@ import torch
 import server.rounds
 from shared_models import build_model, partition
 from simulations.cli import main
+from tests.helpers import TINY_EXPERIMENT
 
 pytestmark = pytest.mark.slow
 
-TINY = """
-name: tiny
-data:
-  synthetic: {sites: 2, cases-per-site: 8, spatial-dims: 2, size: [32, 32], num-classes: 3, seed: 0}
-model: {name: unet, channels: [4, 8], norm: batch}
-methods: [fedbn]
-seeds: [0]
-rounds: 2
-batch-size: 4
-device: cpu
-"""
+TINY = TINY_EXPERIMENT
 
 
 @pytest.fixture
