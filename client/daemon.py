@@ -69,7 +69,7 @@ class SiteConfig:
             raise ConfigError(f"heartbeat-interval: Flower's SuperLink accepts 10..1800 s, got {self.heartbeat_interval}")
 
 
-def _resolve(base: Path, value: str) -> Path:
+def resolve_path(base: Path, value: str) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else (base / path).resolve()
 
@@ -193,16 +193,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(SiteConfig, args.config)
         base = args.config.resolve().parent
-        data_dir = args.data.resolve() if args.data else _resolve(base, cfg.data_dir)
-        state_dir = _resolve(base, cfg.state_dir)
+        data_dir = args.data.resolve() if args.data else resolve_path(base, cfg.data_dir)
+        state_dir = resolve_path(base, cfg.state_dir)
         device = args.device or cfg.device
         if not DEVICE.match(device):
             raise ConfigError(f"--device: expected cpu, cuda, cuda:N or auto, got {device!r}")
         n_images = check_data_dir(data_dir)
         check_device(device)
         for name, value in (("root-certificates", cfg.root_certificates), ("auth-private-key", cfg.auth_private_key)):
-            if not _resolve(base, value).is_file():
-                raise ConfigError(f"{name}: {_resolve(base, value)} not found")
+            if not resolve_path(base, value).is_file():
+                raise ConfigError(f"{name}: {resolve_path(base, value)} not found")
     except ConfigError as exc:
         print(f"fedsite client: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -212,8 +212,8 @@ def run(args: argparse.Namespace) -> int:
     cmd = [
         sys.executable, "-m", "client.supernode",
         "--superlink", cfg.superlink,
-        "--root-certificates", str(_resolve(base, cfg.root_certificates)),
-        "--auth-supernode-private-key", str(_resolve(base, cfg.auth_private_key)),
+        "--root-certificates", str(resolve_path(base, cfg.root_certificates)),
+        "--auth-supernode-private-key", str(resolve_path(base, cfg.auth_private_key)),
         "--node-config", str(node_config),
         "--port", str(cfg.runtime_port),
     ]

@@ -134,11 +134,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from shared_models.config import ConfigError, load_config
 
-    from .daemon import SiteConfig, _resolve
+    from .daemon import SiteConfig, resolve_path
 
     try:
         cfg = load_config(SiteConfig, args.site_config)
-        state_dir = _resolve(args.site_config.resolve().parent, cfg.state_dir)
+        state_dir = resolve_path(args.site_config.resolve().parent, cfg.state_dir)
         pairs = _inputs(args.input, args.output)
         model, snap = personalised_model(state_dir, cfg.site_id, args.run)
         for src, dst in pairs:

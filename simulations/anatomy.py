@@ -28,8 +28,6 @@ and rewrites nothing.
 from __future__ import annotations
 
 import functools
-import json
-import os
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -38,7 +36,8 @@ import numpy as np
 from monai.transforms import Rand2DElastic, Rand3DElastic, Resize
 from monai.utils import convert_to_numpy
 
-from .domain_shift import DEFAULT_PROFILES, ScannerProfile, _clear_old, _is_current, _save, _seed, _site_seed, acquire
+from .dataset_files import draw_seed, write_sites
+from .domain_shift import DEFAULT_PROFILES, ScannerProfile, acquire
 
 CLASS_NAMES = ("background", "gray-matter", "white-matter", "csf")
 FORMAT_VERSION = 1
@@ -221,7 +220,7 @@ def make_case(
     depth = probs.shape[3]
     z = int(round(rng.uniform(*slice_range) * (depth - 1)))
     view = _field_of_view(probs, spatial_dims, size, z, slice_thickness)
-    return _warp(view, spatial_dims, size, deformation, _seed(rng))
+    return _warp(view, spatial_dims, size, deformation, draw_seed(rng))
 
 
 def _check_options(profiles: tuple[ScannerProfile, ...], cases_per_site: int, spatial_dims: int, size: tuple[int, ...],
@@ -265,35 +264,16 @@ def generate_anatomy_dataset(
     out_dir = Path(out_dir)
     profiles = tuple(profiles)
     size = tuple(int(s) for s in size) if size is not None else ((64, 64) if spatial_dims == 2 else (32, 32, 32))
-    names = [p.name for p in profiles]
     _check_options(profiles, cases_per_site, spatial_dims, size, include_csf, slice_range, slice_thickness)
     params = _parameters(profiles, cases_per_site, spatial_dims, size, include_csf, slice_range, slice_thickness, deformation, seed)
     if params["nilearn"] is None:
         _require_nilearn()  # raises the install hint
-    if _is_current(out_dir, params):
-        return out_dir
 
-    _clear_old(out_dir, names)
-    (out_dir / "dataset.json").unlink(missing_ok=True)  # no marker until the new set is complete
-    for profile in profiles:
-        for kind in ("images", "labels"):
-            (out_dir / profile.name / kind).mkdir(parents=True, exist_ok=True)
-        for i, case_seed in enumerate(_site_seed(seed, profile.name).spawn(cases_per_site)):
-            anatomy_seq, scanner_seq = case_seed.spawn(2)
-            probs = make_case(
-                np.random.default_rng(anatomy_seq),
-                spatial_dims,
-                size,
-                include_csf=include_csf,
-                slice_range=slice_range,
-                slice_thickness=slice_thickness,
-                deformation=deformation,
-            )
-            label = probs.argmax(axis=0).astype(np.uint8)
-            image = render_soft(probs, profile, np.random.default_rng(scanner_seq))
-            _save(image, np.float32, out_dir / profile.name / "images" / f"case-{i:03d}.nii.gz")
-            _save(label, np.uint8, out_dir / profile.name / "labels" / f"case-{i:03d}.nii.gz")
-    tmp = out_dir / ".dataset.json.tmp"
-    tmp.write_text(json.dumps(params, indent=2) + "\n")
-    os.replace(tmp, out_dir / "dataset.json")
-    return out_dir
+    def drawer(profile: ScannerProfile):
+        def draw(anatomy_rng, scanner_rng):
+            probs = make_case(anatomy_rng, spatial_dims, size, include_csf=include_csf, slice_range=slice_range,
+                              slice_thickness=slice_thickness, deformation=deformation)
+            return render_soft(probs, profile, scanner_rng), probs.argmax(axis=0).astype(np.uint8)
+        return draw
+
+    return write_sites(out_dir, params, {p.name: drawer(p) for p in profiles})

@@ -10,16 +10,14 @@ normalization should beat FedAvg. Written to disk in the layout ``client.data`` 
 
 from __future__ import annotations
 
-import json
-import os
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from monai.transforms import AdjustContrast, GaussianSmooth, RandBiasField, RandGaussianNoise, Resize
 from monai.utils import convert_to_numpy
+
+from .dataset_files import draw_seed, write_sites
 
 CLASS_NAMES = ("background", "body", "structure", "lesion")
 FORMAT_VERSION = 1
@@ -149,8 +147,6 @@ def make_anatomy(
 # ---------------------------------------------------------------- scanner
 
 
-def _seed(rng: np.random.Generator) -> int:
-    return int(rng.integers(2**31 - 1))
 
 
 def render(label: np.ndarray, profile: ScannerProfile, rng: np.random.Generator) -> np.ndarray:
@@ -180,7 +176,7 @@ def acquire(tissue: np.ndarray, profile: ScannerProfile, rng: np.random.Generato
 
     if profile.bias_field > 0:  # receive-coil inhomogeneity, multiplicative around 1
         bias = RandBiasField(coeff_range=(-profile.bias_field, profile.bias_field), prob=1.0)
-        bias.set_random_state(seed=_seed(rng))
+        bias.set_random_state(seed=draw_seed(rng))
         img = bias(img)
     if profile.resolution < 1:  # acquire coarse, reconstruct on the native grid
         coarse = [max(4, round(s * profile.resolution)) for s in shape]
@@ -192,7 +188,7 @@ def acquire(tissue: np.ndarray, profile: ScannerProfile, rng: np.random.Generato
         img = AdjustContrast(gamma=profile.gamma)(img)
     if profile.noise_std > 0:
         noise = RandGaussianNoise(prob=1.0, std=profile.noise_std, sample_std=False)
-        noise.set_random_state(seed=_seed(rng))
+        noise.set_random_state(seed=draw_seed(rng))
         img = noise(img)
     img = convert_to_numpy(img, dtype=np.float32)[0]
     return (img * np.float32(profile.scale) + np.float32(profile.offset)).astype(np.float32)
@@ -201,9 +197,6 @@ def acquire(tissue: np.ndarray, profile: ScannerProfile, rng: np.random.Generato
 # ---------------------------------------------------------------- dataset on disk
 
 
-def _site_seed(seed: int, name: str) -> np.random.SeedSequence:
-    """A site's stream depends on its name, not its position, so adding a site changes no other."""
-    return np.random.SeedSequence([seed, zlib.crc32(name.encode())])
 
 
 def _parameters(profiles, cases_per_site, spatial_dims, size, num_classes, seed) -> dict:
@@ -221,39 +214,12 @@ def _parameters(profiles, cases_per_site, spatial_dims, size, num_classes, seed)
     }
 
 
-def _case_files(out_dir: Path, params: dict) -> list[Path]:
-    return [
-        out_dir / site / kind / f"case-{i:03d}.nii.gz"
-        for site in params["sites"]
-        for kind in ("images", "labels")
-        for i in range(params["cases_per_site"])
-    ]
 
 
-def _is_current(out_dir: Path, params: dict) -> bool:
-    try:
-        old = json.loads((out_dir / "dataset.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return old == params and all(p.is_file() for p in _case_files(out_dir, params))
 
 
-def _clear_old(out_dir: Path, sites: list[str]) -> None:
-    """Remove case files this generator wrote before (only ``case-*.nii.gz`` under known sites)."""
-    try:
-        old = json.loads((out_dir / "dataset.json").read_text()).get("sites", [])
-    except (OSError, ValueError, AttributeError):
-        old = []
-    for site in set(old) | set(sites):
-        for kind in ("images", "labels"):
-            for path in (out_dir / site / kind).glob("case-*.nii.gz"):
-                path.unlink()
 
 
-def _save(array: np.ndarray, dtype, path: Path) -> None:
-    image = nib.Nifti1Image(array.astype(dtype), np.eye(4))
-    image.set_data_dtype(dtype)
-    nib.save(image, path)
 
 
 def generate_dataset(
@@ -280,22 +246,12 @@ def generate_dataset(
     if cases_per_site < 1:
         raise ValueError(f"cases_per_site must be >= 1, got {cases_per_site}")
     params = _parameters(profiles, cases_per_site, spatial_dims, size, num_classes, seed)
-    if _is_current(out_dir, params):
-        return out_dir
-
-    _clear_old(out_dir, names)
-    (out_dir / "dataset.json").unlink(missing_ok=True)  # no marker until the new set is complete
     label_dtype = np.uint8 if num_classes <= 256 else np.int16
-    for profile in profiles:
-        for kind in ("images", "labels"):
-            (out_dir / profile.name / kind).mkdir(parents=True, exist_ok=True)
-        for i, case_seed in enumerate(_site_seed(seed, profile.name).spawn(cases_per_site)):
-            anatomy_seq, scanner_seq = case_seed.spawn(2)
-            label = make_anatomy(np.random.default_rng(anatomy_seq), spatial_dims, size, num_classes)
-            image = render(label, profile, np.random.default_rng(scanner_seq))
-            _save(image, np.float32, out_dir / profile.name / "images" / f"case-{i:03d}.nii.gz")
-            _save(label, label_dtype, out_dir / profile.name / "labels" / f"case-{i:03d}.nii.gz")
-    tmp = out_dir / ".dataset.json.tmp"
-    tmp.write_text(json.dumps(params, indent=2) + "\n")
-    os.replace(tmp, out_dir / "dataset.json")
-    return out_dir
+
+    def drawer(profile: ScannerProfile):
+        def draw(anatomy_rng, scanner_rng):
+            label = make_anatomy(anatomy_rng, spatial_dims, size, num_classes)
+            return render(label, profile, scanner_rng), label
+        return draw
+
+    return write_sites(out_dir, params, {p.name: drawer(p) for p in profiles}, label_dtype)
