@@ -32,6 +32,7 @@ from .global_store import GlobalSnapshot, save_global
 from .site_metrics import record_training
 from .site_paths import SitePaths, resolve_site
 from .site_state import DEPLOYED_FILE, SiteStateError, SiteStateStore
+from .personalise import finetune, personal_store
 from .refresh import has_local_statistics, refresh_statistics
 from .trainer import evaluate_dice, resolve_device, to_batch_tensors, train_local
 
@@ -158,15 +159,26 @@ def evaluate(message: Message, context: Context) -> Message:
         )
     data = site_tensors(paths, cfg)
     started = time.perf_counter()
-    if cfg.eval_statistics == "refresh" and has_local_statistics(sm.split) and len(data.train_x):
-        refresh_statistics(sm.model, data.train_x, sm.split, cfg.train.batch_size, resolve_device(cfg.train.device))
-        # What `fedsite predict` loads: the model this evaluation scored.
-        SiteStateStore(paths.state_dir, cfg.run_name, paths.site, DEPLOYED_FILE).save(
-            local_tensors(sm.model, sm.split), fingerprint=sm.fingerprint, policy=cfg.policy, round_=cfg.server_round)
+    deploy_site_model(sm, cfg, paths, data)
     result = evaluate_dice(sm.model, data.test_x, data.test_y, data.num_classes, cfg.train.device, cfg.train.batch_size, cfg.with_hd95)
     metrics = EvalMetrics(result.n, result.dice, result.per_class, result.hd95, result.hd95_per_class, time.perf_counter() - started)
     content = RecordDict({P.METRICS: MetricRecord(metrics.to_record()), P.CONFIG: ConfigRecord({P.SITE_ID: paths.site})})
     return Message(content=content, reply_to=message)
+
+
+def deploy_site_model(sm: SiteModel, cfg: RoundConfig, paths: SitePaths, data: SiteTensors) -> None:
+    """Make the model this evaluation scores, and store it as the site would deploy it (`fedsite predict`)."""
+    finetuned = cfg.finetune_epochs > 0 and len(data.train_x) > 0
+    if finetuned:
+        finetune(sm.model, data.train_x, data.train_y, cfg)
+    if cfg.eval_statistics == "refresh" and has_local_statistics(sm.split) and len(data.train_x):
+        refresh_statistics(sm.model, data.train_x, sm.split, cfg.train.batch_size, resolve_device(cfg.train.device))
+        if not finetuned:
+            SiteStateStore(paths.state_dir, cfg.run_name, paths.site, DEPLOYED_FILE).save(
+                local_tensors(sm.model, sm.split), fingerprint=sm.fingerprint, policy=cfg.policy, round_=cfg.server_round)
+    if finetuned:
+        personal_store(paths.state_dir, cfg.run_name, paths.site).save(
+            sm.model.state_dict(), fingerprint=sm.fingerprint, policy=cfg.policy, round_=cfg.server_round)
 
 
 @app.query()

@@ -43,7 +43,7 @@ def latest_run(state_dir: Path) -> str:
 
 
 def personalised_model(state_dir: Path, site: str, run_name: str | None = None):
-    """(model in eval mode, snapshot): global shared + this site's local tensors."""
+    """(model in eval mode, snapshot): the site's fine-tuned model, else global shared + this site's local tensors."""
     from flwr.app import ArrayRecord
 
     from shared_models import architecture_fingerprint, build_model, partition
@@ -51,7 +51,7 @@ def personalised_model(state_dir: Path, site: str, run_name: str | None = None):
 
     from .exchange import load_local, load_shared
     from .global_store import load_global
-    from .site_state import DEPLOYED_FILE, SiteStateStore
+    from .site_state import DEPLOYED_FILE, PERSONAL_FILE, SiteStateStore
 
     run_name = run_name or latest_run(state_dir)
     snap = load_global(state_dir, run_name)
@@ -61,6 +61,11 @@ def personalised_model(state_dir: Path, site: str, run_name: str | None = None):
         raise PredictError(f"model fingerprint {fingerprint} differs from the stored global model's {snap.fingerprint} (fedsite version changed?)")
     policy = Policy.parse(snap.policy, snap.policy_overrides)
     split = partition(model, policy)
+    personal = SiteStateStore(state_dir, run_name, site, PERSONAL_FILE)  # fine-tuned at the site: every tensor
+    if personal.exists():
+        tensors, _ = personal.load(fingerprint=fingerprint, policy=policy.name, expected_keys=set(model.state_dict()))
+        model.load_state_dict(tensors)
+        return model.eval(), snap
     load_shared(model, ArrayRecord({k: v for k, v in snap.tensors.items()}), split, site)
     if split.local:
         deployed = SiteStateStore(state_dir, run_name, site, DEPLOYED_FILE)  # statistics refreshed at the last evaluation

@@ -24,6 +24,8 @@ FORMAT_VERSION = 1
 STATE_FILE = "local_state.pt"
 # The local tensors as the site would deploy them: after the last evaluation, with refreshed statistics.
 DEPLOYED_FILE = "deployed_state.pt"
+# Every tensor of a model fine-tuned at the site (personalisation at the end of a federation); never sent.
+PERSONAL_FILE = "personal_state.pt"
 
 
 class SiteStateError(RuntimeError):

@@ -162,7 +162,8 @@ def run_federation(grid: Grid, cfg: ServerRunConfig) -> FederationResult:
         sent0, received0 = fed.result.bytes_sent, fed.result.bytes_received
         entry = train_round(grid, fed, round_cfg)
         if rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds:
-            eval_cfg = dataclasses.replace(round_cfg, with_hd95=rnd == cfg.num_rounds)
+            final = rnd == cfg.num_rounds
+            eval_cfg = dataclasses.replace(round_cfg, with_hd95=final, finetune_epochs=cfg.finetune_epochs if final else 0)
             entry["dice"] = evaluate_sites(grid, fed, eval_cfg)
         entry["bytes_sent"] = fed.result.bytes_sent - sent0
         entry["bytes_received"] = fed.result.bytes_received - received0

@@ -41,6 +41,7 @@ class ServerRunConfig:
     test_fraction: float = _ROUND.test_fraction
     split_seed: int = _ROUND.split_seed
     eval_statistics: str = _ROUND.eval_statistics  # refresh | stored (see shared_models.protocol.RoundConfig)
+    finetune_epochs: int = 0  # personalisation: local fine-tuning epochs before the final evaluation
     pooled: bool = False
     data_dir: str = ""  # simulation only: the multi-site root the simulated nodes read
     sites: str = ""  # simulation only: comma-separated site names, partition-id order
@@ -58,6 +59,8 @@ class ServerRunConfig:
         for key in ("num_rounds", "local_epochs", "batch_size", "eval_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key.replace('_', '-')}: must be >= 1, got {getattr(self, key)}")
+        if self.finetune_epochs < 0:
+            raise ConfigError(f"finetune-epochs: must be >= 0, got {self.finetune_epochs}")
         if self.eval_statistics not in EVAL_STATISTICS_MODES:
             raise ConfigError(f"eval-statistics: expected one of {list(EVAL_STATISTICS_MODES)}, got {self.eval_statistics!r}")
         if self.lr <= 0:

@@ -49,6 +49,7 @@ SIM_DATA_DIR = "sim-data-dir"
 SIM_STATE_DIR = "sim-state-dir"
 WITH_HD95 = "with-hd95"
 EVAL_STATISTICS = "eval-statistics"
+FINETUNE_EPOCHS = "finetune-epochs"
 # Values of EVAL_STATISTICS: re-estimate site statistics under the final weights, or score them as trained (the papers).
 EVAL_STATISTICS_MODES = ("refresh", "stored")
 
@@ -122,6 +123,9 @@ class RoundConfig:
     # evaluation: "refresh" re-estimates site-local norm statistics under the final weights before scoring;
     # "stored" scores with the statistics of the last local training (what the papers report)
     eval_statistics: str = "refresh"
+    # evaluation: epochs of local fine-tuning of every tensor before scoring (personalisation; the server
+    # asks for it at the final evaluation only); the fine-tuned model never leaves the site
+    finetune_epochs: int = 0
 
     @property
     def partition_policy(self) -> Policy:
@@ -151,7 +155,7 @@ _ROUND_KEYS = {
     RUN_NAME: "run_name", FINGERPRINT: "fingerprint", SERVER_ROUND: "server_round", POLICY: "policy",
     LOSS_NAME: "loss", INTENSITY: "intensity", TEST_FRACTION: "test_fraction", SPLIT_SEED: "split_seed",
     SIM_DATA_DIR: "sim_data_dir", SIM_STATE_DIR: "sim_state_dir", WITH_HD95: "with_hd95",
-    EVAL_STATISTICS: "eval_statistics",
+    EVAL_STATISTICS: "eval_statistics", FINETUNE_EPOCHS: "finetune_epochs",
 }
 _TRAIN_KEYS = {
     LOCAL_EPOCHS: "epochs", LR: "lr", BATCH_SIZE: "batch_size", SEED: "seed", DEVICE: "device", AMP: "amp",

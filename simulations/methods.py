@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+#: epochs of site fine-tuning of the ``-ft`` methods (on top of the federation's rounds)
+FINETUNE_EPOCHS = 5
+
 
 @dataclass(frozen=True)
 class Method:
@@ -21,6 +24,7 @@ class Method:
     pooled: bool = False
     policy_overrides: dict[str, str] = field(default_factory=dict)
     strategy_options: dict[str, Any] = field(default_factory=dict)
+    finetune_epochs: int = 0  # local fine-tuning of every tensor before the final evaluation
     description: str = ""
 
 
@@ -33,5 +37,9 @@ METHODS: dict[str, Method] = {
     "fedavgm": Method("fedavg", "fedavgm", description="server-side momentum on the averaged update"),
     "fedbn": Method("fedbn", description="every norm-layer tensor stays at its site"),
     "silobn": Method("silobn", description="norm statistics stay at the site, affine shared"),
+    "fedbn-ft": Method("fedbn", finetune_epochs=FINETUNE_EPOCHS,
+                       description="FedBN, then every site fine-tunes the whole model on its own data"),
+    "fedavg-ft": Method("fedavg", finetune_epochs=FINETUNE_EPOCHS,
+                        description="FedAvg, then every site fine-tunes the whole model on its own data"),
     "pooled": Method("fedavg", pooled=True, description="centralised training on all sites' data"),
 }

@@ -142,6 +142,7 @@ def run_config_for(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Pa
         amp=cfg.amp,
         channels_last=cfg.channels_last,
         eval_statistics=cfg.eval_statistics,
+        finetune_epochs=m.finetune_epochs,
         intensity=data.intensity,
         test_fraction=data.test_fraction,
         split_seed=data.split_seed + cell.seed,  # each seed its own split, the same for every method

@@ -12,14 +12,13 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import Array, Context, Message, RecordDict
+from flwr.app import Array
 
-from client.app import app as client_app
 from server.checkpoint import CheckpointStore
 from server.rounds import run_federation
 from server.run_config import ServerRunConfig
 from simulations.domain_shift import DEFAULT_PROFILES, generate_dataset
-from tests.helpers import set_task_identity
+from tests.helpers import LocalGrid, set_task_identity
 
 pytestmark = pytest.mark.slow
 
@@ -58,39 +57,9 @@ FAULTS = {
 }
 
 
-class LocalGrid:
-    """A Grid whose nodes are the real ClientApp, called in-process."""
-
-    def __init__(self, data_root, state_root):
-        self.nodes = {i + 1: s for i, s in enumerate(SITES)}
-        self.contexts = {
-            n: Context(run_id=1, node_id=n, node_config={"site-id": s, "data-dir": str(data_root / s), "state-dir": str(state_root / s)},
-                       state=RecordDict(), run_config={})
-            for n, s in self.nodes.items()
-        }
-        self.outbox: dict[str, Message] = {}
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def push_messages(self, messages):
-        ids = []
-        for i, msg in enumerate(messages):
-            msg.metadata.__dict__["_message_id"] = f"{msg.metadata.message_type}-{msg.metadata.dst_node_id}-{len(self.outbox)}-{i}"
-            msg.metadata.__dict__["_src_node_id"] = 0
-            node = msg.metadata.dst_node_id
-            reply = client_app(msg, self.contexts[node])
-            if msg.metadata.message_type == "train" and self.nodes[node] == BAD:
-                FAULTS[int(msg.content["config"]["server-round"])][0](reply.content)
-            self.outbox[msg.metadata.message_id] = reply
-            ids.append(msg.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self.outbox.pop(m) for m in list(message_ids) if m in self.outbox]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
+def _corrupt_bad_site(site, message_type, server_round, content):
+    if message_type == "train" and site == BAD:
+        FAULTS[server_round][0](content)
 
 
 def test_each_bad_reply_is_rejected_named_and_the_run_goes_on(tmp_path):
@@ -101,7 +70,7 @@ def test_each_bad_reply_is_rejected_named_and_the_run_goes_on(tmp_path):
     cfg = ServerRunConfig(model=json.dumps(model), run_name="gate", out_dir=str(tmp_path / "out"), num_rounds=len(FAULTS),
                           batch_size=4, eval_every=len(FAULTS), min_nodes=3, min_train_nodes=2, wait_seconds=5, round_timeout=30)
     # Execute
-    result = run_federation(LocalGrid(data, tmp_path / "state"), cfg)
+    result = run_federation(LocalGrid(SITES, data, tmp_path / "state", on_reply=_corrupt_bad_site), cfg)
     # Assert: every round rejected exactly the bad site, for the planted reason, and aggregated the others
     assert len(result.history) == len(FAULTS)
     for entry in result.history:
