@@ -161,7 +161,8 @@ def evaluate(message: Message, context: Context) -> Message:
     started = time.perf_counter()
     deploy_site_model(sm, cfg, paths, data)
     result = evaluate_dice(sm.model, data.test_x, data.test_y, data.num_classes, cfg.train.device, cfg.train.batch_size, cfg.with_hd95)
-    metrics = EvalMetrics(result.n, result.dice, result.per_class, result.hd95, result.hd95_per_class, time.perf_counter() - started)
+    metrics = EvalMetrics(result.n, result.dice, result.per_class, result.hd95, result.hd95_per_class, time.perf_counter() - started,
+                          result.per_case)
     content = RecordDict({P.METRICS: MetricRecord(metrics.to_record()), P.CONFIG: ConfigRecord({P.SITE_ID: paths.site})})
     return Message(content=content, reply_to=message)
 

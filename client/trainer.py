@@ -46,6 +46,7 @@ class EvalReport:
     n: int
     hd95: float = float("nan")  # mean over classes of the 95th-percentile Hausdorff distance (voxels)
     hd95_per_class: tuple[float, ...] = ()
+    per_case: tuple[tuple[float, ...], ...] = ()  # Dice per test case and foreground class (NaN: class absent)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -197,6 +198,7 @@ def evaluate_dice(
     metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
     metric(pred_1h, true_1h)
     per_class = metric.aggregate().tolist()
+    per_case = tuple(tuple(float(v) for v in row) for row in metric.get_buffer().tolist())
     hd_per_class = hd95_per_class(pred_1h, true_1h) if with_hd95 else [float("nan")] * (num_classes - 1)
     return EvalReport(
         dice=_finite_mean(per_class),
@@ -204,6 +206,7 @@ def evaluate_dice(
         n=len(images),
         hd95=_finite_mean(hd_per_class),
         hd95_per_class=tuple(hd_per_class),
+        per_case=per_case,
     )
 
 

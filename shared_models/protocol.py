@@ -11,6 +11,7 @@ leaves out means the same on both sides.
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import typing
 from collections.abc import Mapping
@@ -63,6 +64,7 @@ TRAIN_SECONDS = "train-seconds"
 SAMPLES_PER_SECOND = "samples-per-second"
 DICE = "dice"
 DICE_PER_CLASS = "dice-per-class"
+DICE_PER_CASE = "dice-per-case"  # flat, case-major: one value per (test case, foreground class)
 HD95 = "hd95"
 HD95_PER_CLASS = "hd95-per-class"
 EVAL_SECONDS = "eval-seconds"
@@ -249,21 +251,28 @@ class EvalMetrics:
     hd95: float = float("nan")
     hd95_per_class: tuple[float, ...] = ()
     eval_seconds: float = 0.0
+    dice_per_case: tuple[tuple[float, ...], ...] = ()  # per test case, per foreground class; NaN: class absent
 
     def to_record(self) -> dict[str, Any]:
         return {NUM_EXAMPLES: self.num_examples, DICE: self.dice, DICE_PER_CLASS: list(self.dice_per_class),
-                HD95: self.hd95, HD95_PER_CLASS: list(self.hd95_per_class), EVAL_SECONDS: self.eval_seconds}
+                HD95: self.hd95, HD95_PER_CLASS: list(self.hd95_per_class), EVAL_SECONDS: self.eval_seconds,
+                DICE_PER_CASE: [v for row in self.dice_per_case for v in row]}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> EvalMetrics:
         values = _read_fields(cls, _EVAL_SCALAR_KEYS, record)
         lists = {attr: tuple(float(v) for v in record.get(key, [])) for key, attr in _EVAL_LIST_KEYS.items()}
-        return cls(**values, **lists)
+        flat, width = [float(v) for v in record.get(DICE_PER_CASE, [])], len(lists["dice_per_class"])
+        if flat and (not width or len(flat) % width):
+            raise ProtocolError(f"message key {DICE_PER_CASE!r}: {len(flat)} values do not fill rows of {width} classes")
+        cases = tuple(tuple(flat[i:i + width]) for i in range(0, len(flat), width)) if flat else ()
+        return cls(**values, **lists, dice_per_case=cases)
 
     def to_json(self) -> dict[str, Any]:
-        """The per-site entry of ``federation.json``."""
+        """The per-site entry of ``federation.json`` (JSON has no NaN: an absent class is null)."""
         return {"dice": self.dice, "n_test": self.num_examples, "dice_per_class": list(self.dice_per_class),
-                "hd95": self.hd95, "hd95_per_class": list(self.hd95_per_class)}
+                "hd95": self.hd95, "hd95_per_class": list(self.hd95_per_class),
+                "dice_per_case": [[v if math.isfinite(v) else None for v in row] for row in self.dice_per_case]}
 
 
 _EVAL_SCALAR_KEYS = {NUM_EXAMPLES: "num_examples", DICE: "dice", HD95: "hd95", EVAL_SECONDS: "eval_seconds"}

@@ -167,3 +167,20 @@ def test_rho_of_bin_stays_in_the_unit_interval_at_a_huge_learning_rate(monkeypat
     rhos = torch.cat([m.rho.detach() for m in layers])
     assert ((rhos >= 0) & (rhos <= 1)).all()
     assert ((rhos == 0) | (rhos == 1)).any()  # the steps did push rho out; the clamp brought it back
+
+
+def test_per_case_dice_is_the_table_the_site_score_averages():
+    """The site's per-class Dice is the mean over cases where the class is present; per_case keeps that table."""
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (5, 1, 12, 12))
+    labels[0][labels[0] == 2] = 1  # case 0 has no class 2: its cell is NaN and ignored
+
+    class Noisy(torch.nn.Module):
+        def forward(self, x):
+            noisy = torch.where(torch.rand_like(x) < 0.3, torch.randint_like(x, 0, 3), x)
+            return one_hot(noisy.long(), 3) * 10.0
+
+    report = evaluate_dice(Noisy(), labels.float(), labels, 3, with_hd95=False)
+    table = torch.tensor(report.per_case)
+    assert table.shape == (5, 2) and torch.isnan(table[0, 1]) and not torch.isnan(table[1:]).any()
+    assert torch.nanmean(table, dim=0).tolist() == pytest.approx(list(report.per_class))

@@ -72,9 +72,19 @@ def test_replies_round_trip() -> None:
     assert SiteInfo.from_record(ConfigRecord(info.to_record())) == info
     train = TrainMetrics(12, 0.25, 3.5, 4.0)
     assert TrainMetrics.from_record(MetricRecord(train.to_record())) == train
-    ev = EvalMetrics(4, 0.8, (0.7, 0.9), 2.5, (2.0, 3.0), 1.25)
+    ev = EvalMetrics(4, 0.8, (0.7, 0.9), 2.5, (2.0, 3.0), 1.25, ((0.6, 0.8), (0.8, 1.0)))
     assert EvalMetrics.from_record(MetricRecord(ev.to_record())) == ev
-    assert ev.to_json() == {"dice": 0.8, "n_test": 4, "dice_per_class": [0.7, 0.9], "hd95": 2.5, "hd95_per_class": [2.0, 3.0]}
+    assert ev.to_json() == {"dice": 0.8, "n_test": 4, "dice_per_class": [0.7, 0.9], "hd95": 2.5, "hd95_per_class": [2.0, 3.0],
+                            "dice_per_case": [[0.6, 0.8], [0.8, 1.0]]}
+    absent = EvalMetrics(1, 0.5, (0.5, float("nan")), dice_per_case=((0.5, float("nan")),))
+    assert absent.to_json()["dice_per_case"] == [[0.5, None]]  # JSON has no NaN
+
+
+def test_per_case_scores_that_do_not_fill_whole_rows_are_refused() -> None:
+    record = EvalMetrics(2, 0.8, (0.7, 0.9), dice_per_case=((0.6, 0.8), (0.8, 1.0))).to_record()
+    record[P.DICE_PER_CASE] = record[P.DICE_PER_CASE][:3]
+    with pytest.raises(P.ProtocolError, match="dice-per-case"):
+        EvalMetrics.from_record(MetricRecord(record))
 
 
 # The modules that build or read Flower messages (configuration files have their own schema).

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from simulations.report import dice_table, summarise
-from simulations.stats import bootstrap_ci, compare, comparisons, excludes_zero
+from simulations.stats import bootstrap_ci, case_tables, compare, comparisons, excludes_zero, method_ci, site_score
 
 SITES = ["a", "b", "c"]
 
@@ -51,3 +51,44 @@ def test_one_seed_shows_no_spread():
     results = {"sites": SITES, "summary": summarise(runs, SITES)}
     assert results["summary"]["local"]["ci95"] is None
     assert "| n/a |" in dice_table(results) and "± 0.000" not in dice_table(results)
+
+
+def _case_runs(n_cases, spread, seeds=(0, 1, 2), sites=("a", "b")):
+    """Runs whose sites carry per-case Dice tables (2 classes) with a given case-to-case spread."""
+    rng = np.random.default_rng(1)
+    runs = []
+    for seed in seeds:
+        per_site = {}
+        for site in sites:
+            table = np.clip(0.7 + spread * rng.standard_normal((n_cases, 2)), 0, 1)
+            table[0, 1] = np.nan  # a case without class 2
+            rows = [[None if np.isnan(v) else float(v) for v in row] for row in table]
+            per_site[site] = {"dice": site_score(table), "dice_per_case": rows}
+        runs.append({"method": "fedbn", "seed": seed, "per_site": per_site})
+    return runs
+
+
+def test_the_interval_resamples_test_cases_and_matches_the_site_score_definition():
+    few, many = _case_runs(6, 0.15), _case_runs(60, 0.15)
+    tables = case_tables(few, "fedbn", ["a", "b"])
+    assert site_score(tables[0][0]) == pytest.approx(few[0]["per_site"]["a"]["dice"])
+    ci_few, ci_many = method_ci(few, "fedbn", ["a", "b"]), method_ci(many, "fedbn", ["a", "b"])
+    mean_few = np.mean([s["dice"] for r in few for s in r["per_site"].values()])
+    assert ci_few[0] < mean_few < ci_few[1]
+    # the same case-to-case spread over ten times the cases: a much narrower interval
+    assert (ci_many[1] - ci_many[0]) < 0.6 * (ci_few[1] - ci_few[0])
+    # seeds that agree exactly still leave the test-case uncertainty
+    twins = [dict(few[0], seed=0), dict(few[0], seed=1)]
+    low, high = method_ci(twins, "fedbn", ["a", "b"])
+    assert high - low > 0.02
+    assert method_ci(few, "fedbn", ["a", "b"]) == ci_few  # seeded
+
+
+def test_runs_without_per_case_scores_fall_back_to_seed_site_cells():
+    runs = _case_runs(6, 0.15)
+    for run in runs:
+        for entry in run["per_site"].values():
+            del entry["dice_per_case"]
+    assert case_tables(runs, "fedbn", ["a", "b"]) is None
+    values = [s["dice"] for r in runs for s in r["per_site"].values()]
+    assert method_ci(runs, "fedbn", ["a", "b"]) == bootstrap_ci(values)
