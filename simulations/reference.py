@@ -214,7 +214,7 @@ def markdown(reference: dict[str, Any]) -> str:
     return "\n".join([
         "## fedsite pooled vs a plain PyTorch loop", "",
         f"Same network and initialisation, same splits; plain loop: Adam (lr {s['lr']}), batch {s['batch_size']}, "
-        f"{s['epochs']} epochs ({s['rounds']} rounds x {s['local_epochs']} local epochs), Dice + CE, one process. "
+        f"{s['epochs']} epochs ({s['rounds']} rounds x {s['local_epochs']} local epoch(s)), Dice + CE, one process. "
         f"Seeds {', '.join(map(str, s['seeds']))}; Dice: MONAI DiceMetric, mean foreground Dice on each site's test split. "
         f"Interval: paired percentile bootstrap over {d.get('n', 0)} (seed, site) cells; Wilcoxon p = {d.get('p', float('nan')):.3g}. "
         f"Code version {reference['code_version']} (run: {reference['run_code_version']}).", "",
