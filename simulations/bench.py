@@ -27,6 +27,7 @@ from shared_models.durable import atomic_write_text
 from shared_models.losses import segmentation_loss
 
 from .domain_shift import DEFAULT_PROFILES, generate_dataset
+from .reference import plain_epoch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,14 +48,9 @@ def plain_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_s
     model.to(device).train()
     loss_fn = segmentation_loss()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
-    for idx in order.split(batch_size):
-        xb, yb = x[idx].to(device), y[idx].to(device)
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(xb), yb)
-        loss.backward()
-        opt.step()
+    plain_epoch(model, opt, loss_fn, x, y, batch_size, generator, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return len(x) / (time.perf_counter() - started)

@@ -44,6 +44,12 @@ def _bench() -> ModuleType:
     return bench
 
 
+def _reference() -> ModuleType:
+    from simulations import reference
+
+    return reference
+
+
 def _bench_norms() -> ModuleType:
     from simulations import bench_norms
 
@@ -97,6 +103,7 @@ COMMANDS: dict[str, tuple[Callable[[], ModuleType], str]] = {
     "reproduce": (_reproduce, "run the reference experiments (simulations/configs) and rewrite simulations/RESULTS.md"),
     "synth": (_synth, "write the synthetic multi-site domain-shift dataset to disk"),
     "bench": (_bench, "measure the training loop and the simulation engine against plain PyTorch"),
+    "reference": (_reference, "train fedsite's pooled arm of a finished run with a plain PyTorch loop and compare the Dice"),
     "bench-norms": (_bench_norms, "time each registered norm against BatchNorm (2D and 3D) and DualNorm-UNet against the UNet"),
     "models": (_models, "list registered models with parameter and MAC counts"),
     "provision": (_provision, "create the federation's CA, server certificate, per-site auth keys, server.yaml and sites/<site>.yaml"),
