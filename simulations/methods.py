@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-#: epochs of site fine-tuning of the ``-ft`` methods (on top of the federation's rounds)
-FINETUNE_EPOCHS = 5
+#: share of the epoch budget the ``-ft`` methods spend fine-tuning at the site after federating
+FINETUNE_SHARE = 0.2
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Method:
     pooled: bool = False
     policy_overrides: dict[str, str] = field(default_factory=dict)
     strategy_options: dict[str, Any] = field(default_factory=dict)
-    finetune_epochs: int = 0  # local fine-tuning of every tensor before the final evaluation
+    finetune: bool = False  # the last FINETUNE_SHARE of the epochs: every tensor fine-tuned at the site
     description: str = ""
 
 
@@ -37,9 +37,22 @@ METHODS: dict[str, Method] = {
     "fedavgm": Method("fedavg", "fedavgm", description="server-side momentum on the averaged update"),
     "fedbn": Method("fedbn", description="every norm-layer tensor stays at its site"),
     "silobn": Method("silobn", description="norm statistics stay at the site, affine shared"),
-    "fedbn-ft": Method("fedbn", finetune_epochs=FINETUNE_EPOCHS,
+    "fedbn-ft": Method("fedbn", finetune=True,
                        description="FedBN, then every site fine-tunes the whole model on its own data"),
-    "fedavg-ft": Method("fedavg", finetune_epochs=FINETUNE_EPOCHS,
+    "fedavg-ft": Method("fedavg", finetune=True,
                         description="FedAvg, then every site fine-tunes the whole model on its own data"),
     "pooled": Method("fedavg", pooled=True, description="centralised training on all sites' data"),
 }
+
+
+def finetune_budget(method: Method, rounds: int, local_epochs: int) -> tuple[int, int]:
+    """(federated rounds, fine-tuning epochs) of a method within ``rounds`` x ``local_epochs`` epochs.
+
+    A fine-tuning method trains as long as every other method: it federates for the
+    first rounds and spends the last ``FINETUNE_SHARE`` of the rounds' epochs at the
+    site, so a gain over ``local`` is not bought with extra training.
+    """
+    if not method.finetune or rounds < 2:
+        return rounds, 0
+    at_site = min(rounds - 1, max(1, round(rounds * FINETUNE_SHARE)))
+    return rounds - at_site, at_site * local_epochs

@@ -23,7 +23,7 @@ from shared_models.protocol import EVAL_STATISTICS_MODES, RESULTS_FILE
 
 from . import interrupt
 from .experiment import Cell, DataConfig, ExperimentConfig, load_experiment, with_overrides
-from .methods import METHODS
+from .methods import METHODS, finetune_budget
 
 CELL_RECORD = "cell.json"
 
@@ -122,13 +122,14 @@ def prepare_data(data: DataConfig, out: Path) -> tuple[Path, list[str], int, int
 def run_config_for(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Path, sites: list[str], cell_dir: Path) -> dict[str, Any]:
     """The ServerApp run_config of one cell of the matrix."""
     m = METHODS[cell.arm.method]
+    rounds, finetune_epochs = finetune_budget(m, cfg.rounds, cfg.local_epochs)
     return ServerRunConfig(
         model=json.dumps(cell.model),
         model_schedule=json.dumps({str(k): v for k, v in cell.arm.model_schedule.items()}),
         run_name=cell.name,
         loss=cell.arm.loss or cfg.loss,
         out_dir=str(cell_dir),
-        num_rounds=cfg.rounds,
+        num_rounds=rounds,
         local_epochs=cfg.local_epochs,
         lr=cfg.lr,
         batch_size=cfg.batch_size,
@@ -142,7 +143,7 @@ def run_config_for(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Pa
         amp=cfg.amp,
         channels_last=cfg.channels_last,
         eval_statistics=cfg.eval_statistics,
-        finetune_epochs=m.finetune_epochs,
+        finetune_epochs=finetune_epochs,
         intensity=data.intensity,
         test_fraction=data.test_fraction,
         split_seed=data.split_seed + cell.seed,  # each seed its own split, the same for every method

@@ -63,3 +63,15 @@ def test_each_seed_has_its_own_split_the_same_for_every_method(tmp_path):
         return run_config_for(cfg, cfg.data, cell, tmp_path, ["a"], tmp_path / "c")["split-seed"]
 
     assert split("local", 0) == split("fedbn", 0) != split("fedbn", 1) == split("local", 1)
+
+
+def test_fine_tuning_methods_train_as_many_epochs_as_every_other_method():
+    from simulations.methods import METHODS, finetune_budget
+
+    for rounds, epochs in [(20, 1), (40, 2), (3, 1), (2, 1)]:
+        federated, at_site = finetune_budget(METHODS["fedbn-ft"], rounds, epochs)
+        assert federated >= 1 and at_site >= epochs
+        assert federated * epochs + at_site == rounds * epochs
+    assert finetune_budget(METHODS["fedbn-ft"], 20, 1) == (16, 4)
+    assert finetune_budget(METHODS["fedbn"], 20, 1) == (20, 0)
+    assert finetune_budget(METHODS["fedbn-ft"], 1, 1) == (1, 0)  # one round leaves nothing to split
