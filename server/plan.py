@@ -13,7 +13,8 @@ Rules (a pure function of the fingerprints):
   pixels (nnU-Net's minimum feature-map size), between 2 and 5 downsamplings;
 - widths ``16 * 2**level`` capped at 256, the widest lowered to fit ``max_width``;
 - batch 8 in 2D, 2 in 3D, never above the smallest training site's cases;
-- Adam, lr 1e-3, BatchNorm (the norm FedBN/SiloBN keep local), classes = union.
+- Adam, lr 1e-3, BatchNorm (the norm FedBN/SiloBN keep local);
+- classes: the union of the sites' label values (outputs: the largest + 1).
 """
 
 from __future__ import annotations
@@ -80,17 +81,18 @@ def _check_dims(fingerprints: Sequence[SiteFingerprint]) -> int:
 
 
 def _check_classes(fingerprints: Sequence[SiteFingerprint]) -> tuple[int, ...]:
-    """Union of the sites' label values; it must be 0..K-1 and every site needs a foreground class."""
-    for fp in fingerprints:
-        if not [c for c in fp.classes if c > 0]:
-            raise PlanError(f"site {fp.site_id}: no foreground class in its labels (values {list(fp.classes)})")
+    """Union of the sites' label values. A value past a gap (no site has the values between)
+    that only some sites have means their label maps disagree: the first such site is named."""
     union = sorted({c for fp in fingerprints for c in fp.classes} | {0})
+    if union[-1] < 1:
+        raise PlanError("no site has a foreground class in its labels")
     missing = sorted(set(range(union[-1] + 1)) - set(union))
     if missing:
-        beyond = next(fp for fp in fingerprints if max(fp.classes) > missing[0])
-        extra = [c for c in beyond.classes if c > missing[0]]
-        raise PlanError(f"site {beyond.site_id}: label values {extra} but {missing} appear at no site: "
-                        "the sites' label maps disagree")
+        holders = [fp for fp in fingerprints if max(fp.classes) > missing[0]]
+        if len(holders) < len(fingerprints):
+            extra = [c for c in holders[0].classes if c > missing[0]]
+            raise PlanError(f"site {holders[0].site_id}: label values {extra} but {missing} appear at no site: "
+                            "the sites' label maps disagree")
     return tuple(union)
 
 
@@ -140,7 +142,7 @@ def make_plan(
     }
     return Plan(
         sites=tuple(fp.site_id for fp in fingerprints), spatial_dims=dims, patch_shape=patch, spacing=spacing,
-        classes=classes, num_classes=len(classes), downsamplings=levels,
+        classes=classes, num_classes=classes[-1] + 1, downsamplings=levels,
         bottleneck=tuple(s // 2**levels for s in patch), model=MODEL, channels=channels, norm=NORM,
         optimizer=OPTIMIZER, lr=LR, batch_size=batch, reasons=reasons,
     )

@@ -95,6 +95,7 @@ POOLED_SITE = "pooled"
 FEDERATION_FILE = "federation.json"  # what one finished federation reports (the ServerApp writes it)
 RESULTS_FILE = "results.json"  # a summary over federations (a deployment's or an experiment's)
 STATUS_FILE = "status.json"  # the live round status the server's metrics endpoint reads
+PLAN_FILE = "plan.json"  # the plan derived from the sites' fingerprints, next to RESULTS_FILE
 
 
 class ProtocolError(ValueError):

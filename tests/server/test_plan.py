@@ -79,9 +79,14 @@ def test_a_site_with_another_label_map_is_named():
     assert "\n" not in str(err.value)
 
 
-def test_a_site_without_foreground_is_named():
-    with pytest.raises(PlanError, match="^site site-b: no foreground class"):
-        make_plan([fingerprint("site-a"), fingerprint("site-b", classes=(0,))])
+def test_a_gap_every_site_shares_is_no_disagreement():
+    plan = make_plan([fingerprint("a", classes=(0, 1, 3)), fingerprint("b", classes=(0, 3))])
+    assert plan.classes == (0, 1, 3) and plan.num_classes == 4  # outputs 0..3, as the data loader infers
+
+
+def test_labels_without_any_foreground_are_refused():
+    with pytest.raises(PlanError, match="no site has a foreground class"):
+        make_plan([fingerprint("site-a", classes=(0,)), fingerprint("site-b", classes=(0,))])
 
 
 def test_a_site_of_other_dims_is_named():
