@@ -3,19 +3,7 @@
 import pytest
 
 from server.plan import PlanError, downsamplings_for, make_plan, widths_for
-from shared_models.protocol import IntensityStats, SiteFingerprint
-
-STATS = IntensityStats(100.0, 20.0, 50.0, 100.0, 150.0)
-
-
-def fingerprint(site="site-a", shape=(100, 100), classes=(0, 1, 2, 3), num_train=30, spacing=None):
-    dims = len(shape)
-    return SiteFingerprint(
-        site_id=site, num_cases=num_train + 10, num_train=num_train, spatial_dims=dims,
-        shape_median=tuple(shape), shape_min=tuple(shape), shape_max=tuple(shape),
-        spacing=tuple(spacing or [1.0] * dims), classes=tuple(classes),
-        class_fractions=tuple(1.0 / len(classes) for _ in classes), intensity=STATS, intensity_foreground=STATS,
-    )
+from tests.helpers import fingerprint
 
 
 def four_sites(**kwargs):
