@@ -90,3 +90,26 @@ def test_a_site_mixing_2d_and_3d_is_refused(tmp_path):
         (tmp_path / "other" / kind / "c0.nii.gz").rename(root / kind / "c9.nii.gz")
     with pytest.raises(DataError, match="c9.nii.gz: 3D image in a site of 2D images"):
         site_fingerprint(root)
+
+
+def test_the_query_handler_answers_with_the_fingerprint_only_when_asked(tmp_path):
+    from flwr.app import Context, Message, RecordDict
+    from flwr.common import MessageType
+
+    from client.app import app as client_app
+    from shared_models.protocol import CONFIG, FINGERPRINT_RECORD, RoundConfig
+    from tests.helpers import set_task_identity
+
+    set_task_identity()
+    root, _, _ = _site(tmp_path / "site-q", [(10, 12), (12, 12), (12, 14)])
+    context = Context(run_id=1, node_id=1, node_config={"site-id": "site-q", "data-dir": str(root), "state-dir": str(tmp_path / "s")},
+                      state=RecordDict(), run_config={})
+    replies = {}
+    for asked in (False, True):
+        cfg = RoundConfig(run_name="r", model_spec={"name": "unet"}, fingerprint="", with_fingerprint=asked)
+        message = Message(content=RecordDict({CONFIG: ConfigRecord(cfg.to_record())}), dst_node_id=1, message_type=MessageType.QUERY)
+        message.metadata.__dict__["_message_id"] = f"q{asked}"
+        replies[asked] = client_app(message, context).content
+    assert FINGERPRINT_RECORD not in replies[False]
+    answered = SiteFingerprint.from_record(replies[True][FINGERPRINT_RECORD])
+    assert answered == site_fingerprint(root, site_id="site-q")
