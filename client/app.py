@@ -27,6 +27,7 @@ from shared_models import protocol as P
 from shared_models.protocol import EvalMetrics, RoundConfig, SiteInfo, TrainMetrics
 
 from .data import load_site
+from .fingerprint import site_fingerprint
 from .exchange import load_local, load_shared, local_tensors, shared_record
 from .global_store import GlobalSnapshot, save_global
 from .site_metrics import record_training
@@ -184,9 +185,13 @@ def deploy_site_model(sm: SiteModel, cfg: RoundConfig, paths: SitePaths, data: S
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
-    """Who is this node? (site id and dataset sizes; never any tensor)."""
+    """Who is this node? (site id and dataset sizes; asked for, the data's fingerprint; never any tensor)."""
     cfg = RoundConfig.from_record(message.content[P.CONFIG])
     paths = resolve_site(context.node_config, cfg)
     data = site_tensors(paths, cfg)
     info = SiteInfo(paths.site, len(data.train_x), len(data.test_x))
-    return Message(content=RecordDict({P.CONFIG: ConfigRecord(info.to_record())}), reply_to=message)
+    content = RecordDict({P.CONFIG: ConfigRecord(info.to_record())})
+    if cfg.with_fingerprint and not paths.pooled_sites:
+        fingerprint = site_fingerprint(paths.data_dir, test_fraction=cfg.test_fraction, site_id=paths.site)
+        content[P.FINGERPRINT_RECORD] = ConfigRecord(fingerprint.to_record())
+    return Message(content=content, reply_to=message)

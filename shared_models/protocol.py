@@ -49,6 +49,7 @@ SIM_SITES = "sim-sites"
 SIM_DATA_DIR = "sim-data-dir"
 SIM_STATE_DIR = "sim-state-dir"
 WITH_HD95 = "with-hd95"
+WITH_FINGERPRINT = "with-fingerprint"
 EVAL_STATISTICS = "eval-statistics"
 FINETUNE_EPOCHS = "finetune-epochs"
 # Values of EVAL_STATISTICS: re-estimate site statistics under the final weights, or score them as trained (the papers).
@@ -68,6 +69,21 @@ DICE_PER_CASE = "dice-per-case"  # flat, case-major: one value per (test case, f
 HD95 = "hd95"
 HD95_PER_CLASS = "hd95-per-class"
 EVAL_SECONDS = "eval-seconds"
+# Keys of a site's fingerprint (the query's FINGERPRINT record: a summary of its data, never an image).
+FINGERPRINT_RECORD = "fingerprint"
+FP_NUM_CASES = "num-cases"
+FP_NUM_TRAIN = "num-train"
+FP_SPATIAL_DIMS = "spatial-dims"
+FP_SHAPE_MEDIAN = "shape-median"
+FP_SHAPE_MIN = "shape-min"
+FP_SHAPE_MAX = "shape-max"
+FP_SPACING = "spacing"
+FP_CLASSES = "classes"
+FP_CLASS_FRACTIONS = "class-fractions"
+FP_INTENSITY = "intensity-all"  # a list in INTENSITY_STATISTICS order
+FP_INTENSITY_FOREGROUND = "intensity-foreground"  # the same over label > 0
+# The intensity statistics of a fingerprint, in record order.
+INTENSITY_STATISTICS = ("mean", "std", "p00_5", "p50", "p99_5")
 
 # A SuperNode's --node-config: a deployed site names itself and its folders, a simulated node has a partition id.
 NODE_SITE_ID = "site-id"
@@ -82,6 +98,7 @@ POOLED_SITE = "pooled"
 FEDERATION_FILE = "federation.json"  # what one finished federation reports (the ServerApp writes it)
 RESULTS_FILE = "results.json"  # a summary over federations (a deployment's or an experiment's)
 STATUS_FILE = "status.json"  # the live round status the server's metrics endpoint reads
+PLAN_FILE = "plan.json"  # the plan derived from the sites' fingerprints, next to RESULTS_FILE
 
 
 class ProtocolError(ValueError):
@@ -128,6 +145,7 @@ class RoundConfig:
     # evaluation: epochs of local fine-tuning of every tensor before scoring (personalisation; the server
     # asks for it at the final evaluation only); the fine-tuned model never leaves the site
     finetune_epochs: int = 0
+    with_fingerprint: bool = False  # query: the site also answers with its SiteFingerprint
 
     @property
     def partition_policy(self) -> Policy:
@@ -158,6 +176,7 @@ _ROUND_KEYS = {
     LOSS_NAME: "loss", INTENSITY: "intensity", TEST_FRACTION: "test_fraction", SPLIT_SEED: "split_seed",
     SIM_DATA_DIR: "sim_data_dir", SIM_STATE_DIR: "sim_state_dir", WITH_HD95: "with_hd95",
     EVAL_STATISTICS: "eval_statistics", FINETUNE_EPOCHS: "finetune_epochs",
+    WITH_FINGERPRINT: "with_fingerprint",
 }
 _TRAIN_KEYS = {
     LOCAL_EPOCHS: "epochs", LR: "lr", BATCH_SIZE: "batch_size", SEED: "seed", DEVICE: "device", AMP: "amp",
@@ -277,3 +296,79 @@ class EvalMetrics:
 
 _EVAL_SCALAR_KEYS = {NUM_EXAMPLES: "num_examples", DICE: "dice", HD95: "hd95", EVAL_SECONDS: "eval_seconds"}
 _EVAL_LIST_KEYS = {DICE_PER_CLASS: "dice_per_class", HD95_PER_CLASS: "hd95_per_class"}
+
+
+@dataclass(frozen=True)
+class IntensityStats:
+    """Summary of a site's image intensities (raw, before z-scoring)."""
+
+    mean: float
+    std: float
+    p00_5: float
+    p50: float
+    p99_5: float
+
+    def to_list(self) -> list[float]:
+        return [float(getattr(self, name)) for name in INTENSITY_STATISTICS]
+
+    @classmethod
+    def from_list(cls, values: list[float]) -> IntensityStats:
+        if len(values) != len(INTENSITY_STATISTICS):
+            raise ProtocolError(f"intensity statistics: expected {len(INTENSITY_STATISTICS)} values, got {len(values)}")
+        return cls(*(float(v) for v in values))
+
+
+@dataclass(frozen=True)
+class SiteFingerprint:
+    """What a planner may know of a site's data: counts, shapes, spacing, classes, intensities.
+
+    Shapes and spacing are per spatial axis; ``class_fractions[i]`` is the share of all
+    voxels labelled ``classes[i]``. Aggregates only: no image, label or per-case value.
+    """
+
+    site_id: str
+    num_cases: int
+    num_train: int
+    spatial_dims: int
+    shape_median: tuple[int, ...]
+    shape_min: tuple[int, ...]
+    shape_max: tuple[int, ...]
+    spacing: tuple[float, ...]
+    classes: tuple[int, ...]
+    class_fractions: tuple[float, ...]
+    intensity: IntensityStats
+    intensity_foreground: IntensityStats
+
+    def to_record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {SITE_ID: self.site_id, FP_NUM_CASES: self.num_cases, FP_NUM_TRAIN: self.num_train,
+                                  FP_SPATIAL_DIMS: self.spatial_dims, FP_INTENSITY: self.intensity.to_list(),
+                                  FP_INTENSITY_FOREGROUND: self.intensity_foreground.to_list()}
+        for key, (attr, kind) in _FP_LISTS.items():
+            record[key] = [kind(v) for v in getattr(self, attr)]
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> SiteFingerprint:
+        values = _read_fields(cls, _FP_SCALARS, record)
+        for key, (attr, kind) in _FP_LISTS.items():
+            values[attr] = tuple(_checked_list(record, key, kind))
+        values["intensity"] = IntensityStats.from_list(_checked_list(record, FP_INTENSITY, float))
+        values["intensity_foreground"] = IntensityStats.from_list(_checked_list(record, FP_INTENSITY_FOREGROUND, float))
+        return cls(**values)
+
+
+_FP_SCALARS = {SITE_ID: "site_id", FP_NUM_CASES: "num_cases", FP_NUM_TRAIN: "num_train", FP_SPATIAL_DIMS: "spatial_dims"}
+_FP_LISTS = {
+    FP_SHAPE_MEDIAN: ("shape_median", int), FP_SHAPE_MIN: ("shape_min", int), FP_SHAPE_MAX: ("shape_max", int),
+    FP_SPACING: ("spacing", float), FP_CLASSES: ("classes", int), FP_CLASS_FRACTIONS: ("class_fractions", float),
+}
+
+
+def _checked_list(record: Mapping[str, Any], key: str, kind: type) -> list[Any]:
+    """A list of ``kind`` (ints accepted as floats); a missing key or another type is an error."""
+    if key not in record:
+        raise ProtocolError(f"message is missing key {key!r}")
+    values = record[key]
+    if not isinstance(values, list | tuple):
+        raise ProtocolError(f"message key {key!r}: expected a list, got {values!r}")
+    return [_checked({key: v}, key, kind) for v in values]

@@ -83,7 +83,8 @@ def bench_simulation(args: argparse.Namespace, root: Path, sites: list[str]) -> 
     from .experiment import Arm, Cell, ExperimentConfig
 
     spec = {"name": "unet", "channels": list(args.channels), "norm": "batch", "spatial-dims": 2, "in-channels": 1, "out-channels": 4}
-    cfg = ExperimentConfig(rounds=args.rounds, batch_size=args.batch_size, device=args.device, methods=("fedbn",), seeds=(0,))
+    cfg = ExperimentConfig(rounds=args.rounds, lr=TrainSettings().lr, batch_size=args.batch_size, device=args.device,
+                           methods=("fedbn",), seeds=(0,))
     cell = args.out / "sim"
     run_config = run_config_for(cfg, cfg.data, Cell("data", "fedbn", Arm("fedbn"), spec, 0), root, sites, cell)
     started = time.perf_counter()

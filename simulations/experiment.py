@@ -94,7 +94,7 @@ class ExperimentConfig:
 
     name: str = "domain-shift"
     data: DataConfig = field(default_factory=DataConfig)
-    model: dict[str, Any] = field(default_factory=lambda: {"name": "unet", "channels": [8, 16, 32], "norm": "batch"})
+    model: dict[str, Any] | None = None  # None or a partial spec: the rest from the data's plan (simulations/planning.py)
     methods: tuple[str, ...] = ("local", "fedavg", "fedbn", "silobn", "pooled")
     arms: tuple[Arm, ...] = ()  # explicit variants; compared after the plain ``methods``
     datasets: dict[str, DataConfig] = field(default_factory=dict)  # matrix axis; empty = just ``data``
@@ -105,8 +105,8 @@ class ExperimentConfig:
     seeds: tuple[int, ...] = (0, 1)
     rounds: int = 10
     local_epochs: int = 1
-    lr: float = 3e-3
-    batch_size: int = 8
+    lr: float | None = None  # None: from the data's plan
+    batch_size: int | None = None  # None: from the data's plan
     loss: str = "dicece"
     device: str = "auto"
     amp: bool = True
@@ -153,10 +153,10 @@ class ExperimentConfig:
                     for arm in self.all_arms:
                         label = arm.label
                         if len(models) > 1:
-                            label += "-" + str(variant.get("name", self.model.get("name")))
+                            label += "-" + str(variant.get("name", (self.model or {}).get("name")))
                         if len(norms) > 1:
                             label += f"-{norm}"
-                        spec = {**self.model, **variant, **({"norm": norm} if norm else {}), **arm.model}
+                        spec = {**(self.model or {}), **variant, **({"norm": norm} if norm else {}), **arm.model}
                         for seed in self.seeds:
                             out.append(Cell(dataset, label, arm, spec, seed))
         return out
@@ -198,10 +198,12 @@ def with_overrides(cfg: ExperimentConfig, **flags: Any) -> ExperimentConfig:
         changes["datasets"] = {}  # --data replaces the dataset axis
     if flags.get("methods") is not None:
         changes["arms"] = ()  # --methods replaces the whole comparison
-    model = dict(cfg.model)
+    model = None if cfg.model is None else dict(cfg.model)
     if flags.get("model_name") is not None:
+        model = model or {}
         model["name"] = flags["model_name"]
     if flags.get("norm") is not None:
+        model = model or {}
         model["norm"] = flags["norm"]
     changes["model"] = model
     try:

@@ -22,8 +22,9 @@ from shared_models.durable import atomic_write_text
 from shared_models.protocol import EVAL_STATISTICS_MODES, RESULTS_FILE
 
 from . import interrupt
-from .experiment import Cell, DataConfig, ExperimentConfig, load_experiment, with_overrides
+from .experiment import Cell, DataConfig, ExperimentConfig, with_overrides
 from .methods import METHODS, finetune_budget
+from .planning import base_experiment, plan_experiment
 
 CELL_RECORD = "cell.json"
 
@@ -62,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
-    cfg = load_experiment(args.config)
+    cfg = base_experiment(args.config, args.data_dir)
     resources = cfg.client_resources
     if args.cpus_per_site is not None or args.gpus_per_site is not None:
         resources = replace(
@@ -275,6 +276,7 @@ def run_dataset(cfg: ExperimentConfig, name: str, data: DataConfig, ds_out: Path
     ds_out.mkdir(parents=True, exist_ok=True)
     try:
         root, sites, num_classes, spatial_dims = prepare_data(data, ds_out)
+        cfg = plan_experiment(cfg, data, root, sites, ds_out)  # fills only what the experiment left unset
     except (ValueError, OSError) as exc:
         print(f"fedsite simulate: data error ({name}): {exc}", file=sys.stderr)
         return 2

@@ -109,3 +109,17 @@ class LocalGrid:
 
     def send_and_receive(self, messages, *, timeout=None):
         return self.pull_messages(self.push_messages(messages))
+
+
+def fingerprint(site="site-a", shape=(100, 100), classes=(0, 1, 2, 3), num_train=30, spacing=None):
+    """A hand-made SiteFingerprint: every case of ``shape``, ``num_train`` training cases."""
+    from shared_models.protocol import IntensityStats, SiteFingerprint
+
+    stats = IntensityStats(100.0, 20.0, 50.0, 100.0, 150.0)
+    dims = len(shape)
+    return SiteFingerprint(
+        site_id=site, num_cases=num_train + 10, num_train=num_train, spatial_dims=dims,
+        shape_median=tuple(shape), shape_min=tuple(shape), shape_max=tuple(shape),
+        spacing=tuple(spacing or [1.0] * dims), classes=tuple(classes),
+        class_fractions=tuple(1.0 / len(classes) for _ in classes), intensity=stats, intensity_foreground=stats,
+    )

@@ -23,7 +23,7 @@ def _full() -> RoundConfig:
         train=TrainSettings(epochs=3, lr=0.5, batch_size=2, seed=11, device="cuda:1", amp=False, channels_last=False,
                             proximal_mu=0.01, weight_decay=1e-4),
         intensity="none", test_fraction=0.4, split_seed=5, sim_sites=("a", "b"), sim_data_dir="/d", sim_state_dir="/s",
-        with_hd95=False, eval_statistics="stored", finetune_epochs=3,
+        with_hd95=False, eval_statistics="stored", with_fingerprint=True, finetune_epochs=3,
     )
 
 

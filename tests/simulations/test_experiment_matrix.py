@@ -55,7 +55,7 @@ def test_each_seed_has_its_own_split_the_same_for_every_method(tmp_path):
     from simulations.experiment import Arm, Cell, ExperimentConfig
     from simulations.run import run_config_for
 
-    cfg = ExperimentConfig(methods=("local", "fedbn"), seeds=(0, 1))
+    cfg = ExperimentConfig(methods=("local", "fedbn"), seeds=(0, 1), lr=3e-3, batch_size=8)
     spec = {"name": "unet", "channels": [4, 8]}
 
     def split(method, seed):

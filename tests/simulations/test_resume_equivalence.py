@@ -25,7 +25,7 @@ def test_resumed_run_matches_the_uninterrupted_run(tmp_path):
     profiles = DEFAULT_PROFILES[:2]
     root = generate_dataset(tmp_path / "data", profiles=profiles, cases_per_site=8, size=(32, 32), num_classes=3)
     sites = [p.name for p in profiles]
-    cfg = ExperimentConfig(rounds=3, batch_size=4, device="cpu", methods=("fedbn",), seeds=(0,))
+    cfg = ExperimentConfig(rounds=3, lr=3e-3, batch_size=4, device="cpu", methods=("fedbn",), seeds=(0,))
     cell = Cell("data", "fedbn", Arm("fedbn"), SPEC, 0)
 
     straight = tmp_path / "straight"

@@ -1,0 +1,46 @@
+"""simulations.planning: the plan fills only what the experiment left unset."""
+
+from dataclasses import replace
+from pathlib import Path
+
+from server.plan import make_plan
+from simulations.experiment import ExperimentConfig, load_experiment, with_overrides
+from simulations.planning import GIVEN, PLANNED, apply_plan, base_experiment, merge_model
+from tests.helpers import fingerprint
+
+PLAN = make_plan([fingerprint(f"site-{s}", shape=(100, 100)) for s in "abcd"])
+
+
+def test_an_unset_experiment_takes_the_whole_plan():
+    cfg, sources = apply_plan(ExperimentConfig(), PLAN)
+    assert cfg.model == {"name": "unet", "channels": [16, 32, 64, 128], "norm": "batch"}
+    assert (cfg.lr, cfg.batch_size) == (1e-3, 8)
+    assert set(sources.values()) == {PLANNED}
+
+
+def test_explicit_values_win_over_the_plan():
+    given = ExperimentConfig(model={"channels": [8, 16]}, lr=0.02, batch_size=3)
+    cfg, sources = apply_plan(given, PLAN)
+    assert cfg.model == {"name": "unet", "channels": [8, 16], "norm": "batch"}
+    assert (cfg.lr, cfg.batch_size) == (0.02, 3)
+    assert sources == {"model.name": PLANNED, "model.channels": GIVEN, "model.norm": PLANNED, "lr": GIVEN, "batch_size": GIVEN}
+
+
+def test_flags_are_explicit_values():
+    flagged = with_overrides(ExperimentConfig(), norm="instance", lr=0.05, data_dir=Path("/x"))
+    cfg, _ = apply_plan(flagged, PLAN)
+    assert cfg.model["norm"] == "instance" and cfg.model["channels"] == [16, 32, 64, 128] and cfg.lr == 0.05
+    assert cfg.batch_size == 8
+
+
+def test_another_model_takes_only_the_planned_keys_it_has():
+    assert merge_model({"name": "monai_unet"}, PLAN.model_spec) == {"name": "monai_unet", "channels": [16, 32, 64, 128], "norm": "batch"}
+    assert merge_model({"name": "monai_basicunet"}, PLAN.model_spec).keys() == {"name", "norm"}
+
+
+def test_data_without_a_yaml_is_planned_but_the_demo_keeps_its_own_sizing():
+    demo = load_experiment(None)
+    assert base_experiment(None, None) == demo and demo.model is not None and demo.lr is not None
+    planned = base_experiment(None, Path("/data"))
+    assert (planned.model, planned.lr, planned.batch_size) == (None, None, None)
+    assert planned == replace(demo, model=None, lr=None, batch_size=None)
