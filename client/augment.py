@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     RandAdjustContrastd,
@@ -41,6 +42,11 @@ def augmentation(spatial_dims: int) -> Compose:
     ])
 
 
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """MONAI's MetaTensor as the plain tensor the training loop works with."""
+    return tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
+
+
 class Augmenter:
     """Augments (N, C, *S) image and (N, 1, *S) label batches sample by sample, from one seed."""
 
@@ -52,6 +58,6 @@ class Augmenter:
         xs, ys = [], []
         for x, y in zip(images, labels):
             out = self.transform({"image": x, "label": y})
-            xs.append(torch.as_tensor(out["image"], dtype=images.dtype))
-            ys.append(torch.as_tensor(out["label"]).round().to(labels.dtype))
+            xs.append(_plain(out["image"]).to(images.dtype))
+            ys.append(_plain(out["label"]).round().to(labels.dtype))
         return torch.stack(xs), torch.stack(ys)
