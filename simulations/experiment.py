@@ -108,6 +108,7 @@ class ExperimentConfig:
     local_epochs: int = 1
     lr: float = 3e-3
     optimizer: str = _TRAIN.optimizer  # adam | adamw | sgd
+    momentum: float = _TRAIN.momentum  # sgd only
     lr_schedule: str = _TRAIN.schedule  # constant | poly | cosine
     warmup_fraction: float = _TRAIN.warmup_fraction
     persist_optimizer: bool = _TRAIN.persist_optimizer  # False: a fresh optimizer every round

@@ -142,6 +142,7 @@ def run_config_for(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Pa
         local_epochs=cfg.local_epochs,
         lr=cfg.lr,
         optimizer=cfg.optimizer,
+        momentum=cfg.momentum,
         lr_schedule=cfg.lr_schedule,
         warmup_fraction=cfg.warmup_fraction,
         persist_optimizer=cfg.persist_optimizer,
