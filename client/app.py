@@ -3,7 +3,8 @@
 One round at a site: build the model from the server's spec, load the global
 shared tensors (strict), load the site-local tensors from the durable store
 (first round: from the seeded initial model), train, write the local tensors
-atomically, reply with the shared tensors only.
+atomically (and the optimizer's state, to continue it next round), reply with the
+shared tensors only.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from .data import load_site
 from .fingerprint import site_fingerprint
 from .exchange import load_local, load_shared, local_tensors, shared_record
 from .global_store import GlobalSnapshot, save_global
+from .optim_state import OptimizerStateStore
 from .site_metrics import record_training
 from .site_paths import SitePaths, resolve_site
 from .site_state import DEPLOYED_FILE, SiteStateError, SiteStateStore
 from .personalise import finetune, personal_store
 from .refresh import has_local_statistics, refresh_statistics
+from .schedule import RoundPosition
 from .trainer import evaluate_dice, resolve_device, to_batch_tensors, train_local
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -128,7 +131,13 @@ def train(message: Message, context: Context) -> Message:
     global_shared = {k: v.clone() for k, v in sm.model.state_dict().items() if k in set(sm.split.shared)}
     settings = dataclasses.replace(cfg.train, seed=cfg.train.seed * 100_003 + cfg.server_round)  # new shuffle each round
     loss_fn = make_loss(cfg.loss, sm.model, seed=settings.seed)
-    report = train_local(sm.model, data.train_x, data.train_y, settings, loss_fn, global_shared)
+    optim_store = OptimizerStateStore(paths.state_dir, cfg.run_name, paths.site)
+    stored = optim_store.load(fingerprint=sm.fingerprint, optimizer=settings.optimizer,
+                              before_round=cfg.server_round) if settings.persist_optimizer else None
+    report = train_local(sm.model, data.train_x, data.train_y, settings, loss_fn, global_shared,
+                         position=RoundPosition(cfg.server_round, cfg.num_rounds), optimizer_state=stored)
+    if settings.persist_optimizer:  # kept at the site: the reply below carries the shared tensors only
+        optim_store.save(report.optimizer_state, fingerprint=sm.fingerprint, optimizer=settings.optimizer, round_=cfg.server_round)
     if sm.split.local:
         sm.store.save(local_tensors(sm.model, sm.split), fingerprint=sm.fingerprint, policy=cfg.policy, round_=cfg.server_round)
     log.info("site %s round %d: loss %.4f, %d samples in %.1fs", paths.site, cfg.server_round, report.loss, report.samples, report.seconds)

@@ -32,15 +32,20 @@ class SiteStateError(RuntimeError):
     """The stored site state is corrupt or belongs to another run/architecture."""
 
 
+def run_dir(state_dir: str | Path, run_name: str) -> Path:
+    """``<state_dir>/<run>``: the folder of one run's files at a site (a plain folder name only)."""
+    if not run_name or "/" in run_name or run_name.startswith("."):
+        raise SiteStateError(f"invalid run name {run_name!r}: use a plain folder name")
+    return Path(state_dir) / run_name
+
+
 class SiteStateStore:
     """The local tensors of one site for one run (``<state_dir>/<run>/local_state.pt``)."""
 
     def __init__(self, state_dir: str | Path, run_name: str, site: str, file_name: str = STATE_FILE):
-        if not run_name or "/" in run_name or run_name.startswith("."):
-            raise SiteStateError(f"invalid run name {run_name!r}: use a plain folder name")
         self.site = site
         self.run_name = run_name
-        self.path = Path(state_dir) / run_name / file_name
+        self.path = run_dir(state_dir, run_name) / file_name
         self.previous = self.path.with_name(file_name.replace(".pt", ".previous.pt"))
 
     def exists(self) -> bool:

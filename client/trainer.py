@@ -3,8 +3,10 @@
 Kept as lean as a hand-written PyTorch loop (the benchmark holds it to that):
 tensors are stacked once, batches are index slices, and the only extras are the
 ones a hospital deployment needs -- mixed precision and channels_last on CUDA, a
-FedProx proximal term, a guard that refuses to report a diverged (NaN) model, and
-a hook for networks whose training step is not "one forward, one step"
+FedProx proximal term, a guard that refuses to report a diverged (NaN) model, the
+local recipe (an optimizer from a registry, continued across rounds; a
+learning-rate schedule over the federation; augmentation of training batches),
+and a hook for networks whose training step is not "one forward, one step"
 (DualNorm-UNet's two-pass recipe, SelfReg's feature losses).
 """
 
@@ -15,7 +17,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,8 +25,13 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
 from torch import nn
 
-from shared_models.norms.optim import has_projections, param_groups, project_
+from shared_models.norms.optim import has_projections, project_
 from shared_models.protocol import TrainSettings
+
+from .augment import Augmenter
+from .optim_recipe import build_optimizer
+from .optim_state import StoredOptimizer, restore
+from .schedule import LrSchedule, RoundPosition
 
 
 class TrainingDivergedError(RuntimeError):
@@ -37,6 +44,7 @@ class TrainReport:
     steps: int
     samples: int
     seconds: float
+    optimizer_state: dict | None = field(default=None, repr=False, compare=False)  # never sent: the site keeps it
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,12 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.
     return chunks
 
 
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """How many batches :func:`_batches` makes of ``n`` samples (the schedule's steps per epoch)."""
+    count = math.ceil(n / batch_size)
+    return count - 1 if count > 1 and n % batch_size == 1 else count
+
+
 def train_local(
     model: nn.Module,
     images: torch.Tensor,
@@ -96,26 +110,39 @@ def train_local(
     loss_fn: nn.Module,
     global_shared: Mapping[str, torch.Tensor] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    *,
+    position: RoundPosition = RoundPosition(),
+    optimizer_state: StoredOptimizer | None = None,
 ) -> TrainReport:
     """Train ``model`` in place for ``settings.epochs`` over (images, labels).
 
     ``global_shared`` (parameter name -> tensor) enables the FedProx term
     ``mu/2 * ||w - w_global||^2`` over those parameters. Norm layers get the
     optimizer groups and post-step projections their registry entry declares.
+    ``position`` places this round in the federation's learning-rate schedule;
+    ``optimizer_state`` (with ``settings.persist_optimizer``) continues the
+    previous round's optimizer. The report carries the optimizer's final state.
     """
     device = resolve_device(settings.device)
     fmt = _memory_format(device, settings, images.dim())
     model.to(device=device, memory_format=fmt).train()
     use_amp = device.type == "cuda" and settings.amp
     step = _Stepper(model, settings, device, use_amp, global_shared)
+    if settings.persist_optimizer:
+        restore(step.optimizer, optimizer_state)
+    first, total = position.span(batches_per_epoch(len(images), settings.batch_size) * settings.epochs)
+    schedule = LrSchedule(step.optimizer, settings.schedule, settings.warmup_fraction, first, total)
+    augment = Augmenter(images.dim() - 2, settings.seed) if settings.augment else None
     generator = torch.Generator().manual_seed(settings.seed)
     custom_step = getattr(model, "training_step", None)
     total_loss, steps, samples = 0.0, 0, 0
     started = time.perf_counter()
     for epoch in range(settings.epochs):
         for idx in _batches(len(images), settings.batch_size, generator):
-            x = images[idx].to(device, non_blocking=True).contiguous(memory_format=fmt)
-            y = labels[idx].to(device, non_blocking=True)
+            x, y = (images[idx], labels[idx]) if augment is None else augment(images[idx], labels[idx])
+            x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+            y = y.to(device, non_blocking=True)
+            schedule.set(steps)
             with _autocast(device, use_amp):
                 if custom_step is not None:
                     loss_value = custom_step(x, y, loss_fn, step)
@@ -133,7 +160,8 @@ def train_local(
     mean_loss = total_loss / max(steps, 1)
     if not math.isfinite(mean_loss):
         raise TrainingDivergedError(f"non-finite mean training loss {mean_loss}")
-    return TrainReport(loss=mean_loss, steps=steps, samples=samples, seconds=time.perf_counter() - started)
+    return TrainReport(loss=mean_loss, steps=steps, samples=samples, seconds=time.perf_counter() - started,
+                       optimizer_state=step.optimizer.state_dict())
 
 
 class _Stepper:
@@ -147,7 +175,7 @@ class _Stepper:
                  global_shared: Mapping[str, torch.Tensor] | None):
         self.model, self.mu = model, settings.proximal_mu
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(param_groups(model, settings.lr, settings.weight_decay), lr=settings.lr)
+        self.optimizer = build_optimizer(model, settings)
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
         self.project = has_projections(model)
         self.prox = []

@@ -33,6 +33,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared_models.durable import atomic_write, atomic_write_text
+from shared_models.protocol import TrainSettings
+
+_TRAIN = TrainSettings()
 
 DEFAULT_PORT = 9092
 CA_DAYS = 3650
@@ -143,6 +146,12 @@ def server_yaml(server_host: str, port: int, sites: dict[str, str]) -> dict[str,
             "loss": "dicece",
             "local-epochs": 1,
             "lr": 0.003,
+            # the site's local recipe, at the round contract's defaults
+            "optimizer": _TRAIN.optimizer,
+            "lr-schedule": _TRAIN.schedule,
+            "warmup-fraction": _TRAIN.warmup_fraction,
+            "persist-optimizer": _TRAIN.persist_optimizer,
+            "augment": _TRAIN.augment,
             "batch-size": 8,
             "seed": 0,
             "intensity": "zscore",

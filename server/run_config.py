@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared_models.config import ConfigError, from_dict, to_dict
-from shared_models.protocol import EVAL_STATISTICS_MODES, RoundConfig, TrainSettings
+from shared_models.protocol import EVAL_STATISTICS_MODES, LR_SCHEDULES, OPTIMIZERS, RoundConfig, TrainSettings
 
 _TRAIN = TrainSettings()
 _ROUND = RoundConfig(run_name="", model_spec={}, fingerprint="")
@@ -25,6 +25,12 @@ class ServerRunConfig:
     num_rounds: int = 3
     local_epochs: int = _TRAIN.epochs
     lr: float = _TRAIN.lr
+    optimizer: str = _TRAIN.optimizer  # adam | adamw | sgd
+    momentum: float = _TRAIN.momentum  # sgd only
+    lr_schedule: str = _TRAIN.schedule  # constant | poly | cosine, over every round's local steps
+    warmup_fraction: float = _TRAIN.warmup_fraction
+    persist_optimizer: bool = _TRAIN.persist_optimizer
+    augment: bool = _TRAIN.augment
     batch_size: int = _TRAIN.batch_size
     seed: int = _TRAIN.seed
     loss: str = _ROUND.loss
@@ -65,6 +71,12 @@ class ServerRunConfig:
             raise ConfigError(f"eval-statistics: expected one of {list(EVAL_STATISTICS_MODES)}, got {self.eval_statistics!r}")
         if self.lr <= 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        for key, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES)):
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"{key.replace('_', '-')}: expected one of {list(choices)}, got {getattr(self, key)!r}")
+        for key in ("momentum", "warmup_fraction"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"{key.replace('_', '-')}: must be in [0, 1), got {getattr(self, key)}")
         for key in ("model", "model_schedule", "policy_overrides", "strategy_options"):
             try:
                 value = json.loads(getattr(self, key))
@@ -104,12 +116,15 @@ class ServerRunConfig:
             run_name=self.run_name,
             model_spec=self.model_spec,
             fingerprint=fingerprint,
+            num_rounds=self.num_rounds,
             policy=self.policy,
             policy_overrides=json.loads(self.policy_overrides),
             loss=self.loss,
             train=TrainSettings(
                 epochs=self.local_epochs, lr=self.lr, batch_size=self.batch_size, seed=self.seed, device=self.device,
                 amp=self.amp, channels_last=self.channels_last, proximal_mu=self.proximal_mu,
+                optimizer=self.optimizer, momentum=self.momentum, schedule=self.lr_schedule,
+                warmup_fraction=self.warmup_fraction, persist_optimizer=self.persist_optimizer, augment=self.augment,
             ),
             intensity=self.intensity,
             test_fraction=self.test_fraction,

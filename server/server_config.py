@@ -38,6 +38,12 @@ class FederationSection:
     loss: str = _RUN.loss
     local_epochs: int = _RUN.local_epochs
     lr: float = _RUN.lr
+    optimizer: str = _RUN.optimizer  # adam | adamw | sgd (Nesterov, `momentum`)
+    momentum: float = _RUN.momentum
+    lr_schedule: str = _RUN.lr_schedule  # constant | poly | cosine over every round's local steps
+    warmup_fraction: float = _RUN.warmup_fraction
+    persist_optimizer: bool = _RUN.persist_optimizer  # the site keeps its optimizer state across rounds
+    augment: bool = _RUN.augment
     batch_size: int = _RUN.batch_size
     seed: int = _RUN.seed
     intensity: str = _RUN.intensity
@@ -88,6 +94,12 @@ def run_config(cfg: ServerConfig, out_dir: Path) -> dict[str, Any]:
         num_rounds=fed.rounds,
         local_epochs=fed.local_epochs,
         lr=fed.lr,
+        optimizer=fed.optimizer,
+        momentum=fed.momentum,
+        lr_schedule=fed.lr_schedule,
+        warmup_fraction=fed.warmup_fraction,
+        persist_optimizer=fed.persist_optimizer,
+        augment=fed.augment,
         batch_size=fed.batch_size,
         seed=fed.seed,
         loss=fed.loss,

@@ -52,8 +52,18 @@ WITH_HD95 = "with-hd95"
 WITH_FINGERPRINT = "with-fingerprint"
 EVAL_STATISTICS = "eval-statistics"
 FINETUNE_EPOCHS = "finetune-epochs"
+NUM_ROUNDS = "num-rounds"  # the federation's length: the site's learning-rate schedule spans it
+OPTIMIZER = "optimizer"
+MOMENTUM = "momentum"
+LR_SCHEDULE = "lr-schedule"
+WARMUP_FRACTION = "warmup-fraction"
+PERSIST_OPTIMIZER = "persist-optimizer"
+AUGMENT = "augment"
 # Values of EVAL_STATISTICS: re-estimate site statistics under the final weights, or score them as trained (the papers).
 EVAL_STATISTICS_MODES = ("refresh", "stored")
+# Values of OPTIMIZER and LR_SCHEDULE (the site's registries in client/optim_recipe.py and client/schedule.py).
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "poly", "cosine")
 
 # Keys of a site's replies (site -> server).
 SITE_ID = "site-id"
@@ -118,6 +128,13 @@ class TrainSettings:
     channels_last: bool = True  # only takes effect on CUDA
     proximal_mu: float = 0.0  # FedProx; 0 = plain local SGD
     weight_decay: float = 0.0
+    optimizer: str = "adam"  # adam | adamw | sgd (Nesterov); its state persists at the site across rounds
+    momentum: float = 0.99  # sgd only (nnU-Net's)
+    schedule: str = "poly"  # constant | poly | cosine, over the federation's local steps
+    # linear warm-up over this share of the schedule; 0: Adam's bias correction already damps the first steps
+    warmup_fraction: float = 0.0
+    persist_optimizer: bool = True  # False: a fresh optimizer every round
+    augment: bool = True  # MONAI spatial + intensity augmentation of training batches (never at evaluation)
 
 
 @dataclass(frozen=True)
@@ -128,6 +145,7 @@ class RoundConfig:
     model_spec: dict[str, Any]
     fingerprint: str
     server_round: int = 0
+    num_rounds: int = 0  # 0 = unknown: the schedule then ends with the current round
     policy: str = "fedbn"
     policy_overrides: dict[str, str] = field(default_factory=dict)
     loss: str = "dicece"
@@ -176,11 +194,13 @@ _ROUND_KEYS = {
     LOSS_NAME: "loss", INTENSITY: "intensity", TEST_FRACTION: "test_fraction", SPLIT_SEED: "split_seed",
     SIM_DATA_DIR: "sim_data_dir", SIM_STATE_DIR: "sim_state_dir", WITH_HD95: "with_hd95",
     EVAL_STATISTICS: "eval_statistics", FINETUNE_EPOCHS: "finetune_epochs",
-    WITH_FINGERPRINT: "with_fingerprint",
+    WITH_FINGERPRINT: "with_fingerprint", NUM_ROUNDS: "num_rounds",
 }
 _TRAIN_KEYS = {
     LOCAL_EPOCHS: "epochs", LR: "lr", BATCH_SIZE: "batch_size", SEED: "seed", DEVICE: "device", AMP: "amp",
     CHANNELS_LAST: "channels_last", PROXIMAL_MU: "proximal_mu", WEIGHT_DECAY: "weight_decay",
+    OPTIMIZER: "optimizer", MOMENTUM: "momentum", LR_SCHEDULE: "schedule", WARMUP_FRACTION: "warmup_fraction",
+    PERSIST_OPTIMIZER: "persist_optimizer", AUGMENT: "augment",
 }
 
 

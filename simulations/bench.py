@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from client.data import load_site
+from client.optim_state import StoredOptimizer
+from client.schedule import RoundPosition
 from client.trainer import TrainSettings, evaluate_dice, resolve_device, to_batch_tensors, train_local
 from shared_models import build_model
 from shared_models.durable import atomic_write_text
@@ -59,7 +61,9 @@ def plain_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_s
 def bench_trainer(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     device = resolve_device(args.device)
     spec = {"name": "unet", "channels": args.channels, "norm": "batch", "out-channels": 4}
-    settings = TrainSettings(epochs=1, lr=1e-3, batch_size=args.batch_size, device=str(device), amp=False, channels_last=False)
+    # the plain loop's work: one constant-rate Adam, no augmentation (what the loop costs, not the recipe)
+    settings = TrainSettings(epochs=1, lr=1e-3, batch_size=args.batch_size, device=str(device), amp=False, channels_last=False,
+                             schedule="constant", augment=False)
     ours, plain = [], []
     for rep in range(args.repeats + 1):  # first repetition warms up both
         m1, m2 = build_model(spec, seed=rep), build_model(spec, seed=rep)
@@ -99,11 +103,14 @@ def bench_simulation(args: argparse.Namespace, root: Path, sites: list[str]) -> 
                    to_batch_tensors(np.stack([c.image for c in d.test]), np.stack([c.label for c in d.test]))) for s, d in data.items()}
     models = {s: build_model(spec, seed=0) for s in sites}
     settings = TrainSettings(epochs=1, lr=cfg.lr, batch_size=args.batch_size, device=args.device)
+    optimizers: dict[str, StoredOptimizer | None] = dict.fromkeys(sites)
     started = time.perf_counter()
     for rnd in range(args.rounds):
         for s in sites:
             (x, y), (xt, yt) = tensors[s]
-            train_local(models[s], x, y, settings, segmentation_loss())
+            report = train_local(models[s], x, y, settings, segmentation_loss(), position=RoundPosition(rnd + 1, args.rounds),
+                                 optimizer_state=optimizers[s])
+            optimizers[s] = StoredOptimizer(report.optimizer_state, rnd + 1, s)
             evaluate_dice(models[s], xt, yt, 4, args.device)
     serial_wall = time.perf_counter() - started
     startup = fed["wall_s"]  # the ServerApp's own wall time excludes engine start-up

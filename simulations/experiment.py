@@ -10,11 +10,12 @@ from typing import Any
 from shared_models.config import ConfigError, from_dict, load_yaml
 
 from shared_models.losses import LOSSES
-from shared_models.protocol import EVAL_STATISTICS_MODES
+from shared_models.protocol import EVAL_STATISTICS_MODES, LR_SCHEDULES, OPTIMIZERS, TrainSettings
 
 from .methods import METHODS
 
 DEFAULT_CONFIG = "default.yaml"
+_TRAIN = TrainSettings()  # the local-training defaults are the round contract's
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,12 @@ class ExperimentConfig:
     rounds: int = 10
     local_epochs: int = 1
     lr: float | None = None  # None: from the data's plan
+    optimizer: str = _TRAIN.optimizer  # adam | adamw | sgd
+    momentum: float = _TRAIN.momentum  # sgd only
+    lr_schedule: str = _TRAIN.schedule  # constant | poly | cosine
+    warmup_fraction: float = _TRAIN.warmup_fraction
+    persist_optimizer: bool = _TRAIN.persist_optimizer  # False: a fresh optimizer every round
+    augment: bool = _TRAIN.augment
     batch_size: int | None = None  # None: from the data's plan
     loss: str = "dicece"
     device: str = "auto"
@@ -130,6 +137,9 @@ class ExperimentConfig:
             raise ConfigError("rounds and local-epochs must be >= 1")
         if self.eval_statistics not in EVAL_STATISTICS_MODES:
             raise ConfigError(f"eval-statistics: expected one of {list(EVAL_STATISTICS_MODES)}, got {self.eval_statistics!r}")
+        for key, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES)):
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"{key.replace('_', '-')}: expected one of {list(choices)}, got {getattr(self, key)!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 

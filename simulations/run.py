@@ -19,7 +19,7 @@ from typing import Any
 from server.run_config import ServerRunConfig
 from shared_models.config import ConfigError
 from shared_models.durable import atomic_write_text
-from shared_models.protocol import EVAL_STATISTICS_MODES, RESULTS_FILE
+from shared_models.protocol import EVAL_STATISTICS_MODES, LR_SCHEDULES, OPTIMIZERS, RESULTS_FILE
 
 from . import interrupt
 from .experiment import Cell, DataConfig, ExperimentConfig, with_overrides
@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-epochs", type=int)
     parser.add_argument("--seeds", type=_csv(int), help="comma-separated integers")
     parser.add_argument("--lr", type=float)
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, help="local optimizer (default adam; sgd: Nesterov 0.99)")
+    parser.add_argument("--schedule", dest="lr_schedule", choices=LR_SCHEDULES,
+                        help="learning rate over every round's local steps (default poly)")
+    parser.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="no training augmentation")
+    parser.add_argument("--reset-optimizer", dest="persist_optimizer", action="store_false", default=None,
+                        help="a fresh optimizer every round (default: the site continues its optimizer state)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--eval-statistics", choices=EVAL_STATISTICS_MODES,
@@ -82,6 +88,10 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
         local_epochs=args.local_epochs,
         seeds=args.seeds,
         lr=args.lr,
+        optimizer=args.optimizer,
+        lr_schedule=args.lr_schedule,
+        augment=args.augment,
+        persist_optimizer=args.persist_optimizer,
         batch_size=args.batch_size,
         device=args.device,
         eval_statistics=args.eval_statistics,
@@ -133,6 +143,12 @@ def run_config_for(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Pa
         num_rounds=rounds,
         local_epochs=cfg.local_epochs,
         lr=cfg.lr,
+        optimizer=cfg.optimizer,
+        momentum=cfg.momentum,
+        lr_schedule=cfg.lr_schedule,
+        warmup_fraction=cfg.warmup_fraction,
+        persist_optimizer=cfg.persist_optimizer,
+        augment=cfg.augment,
         batch_size=cfg.batch_size,
         seed=cell.seed,
         policy=m.policy,

@@ -26,7 +26,8 @@ def test_non_finite_loss_is_refused_not_reported():
     images, labels = _data()
     images[0, 0, 0, 0] = float("nan")
     with pytest.raises(TrainingDivergedError, match="non-finite"):
-        train_local(build_model(SPEC, seed=0), images, labels, TrainSettings(epochs=1, batch_size=4), segmentation_loss())
+        # no augmentation: a rotation may carry the one NaN voxel out of view (site data with NaN is refused at loading)
+        train_local(build_model(SPEC, seed=0), images, labels, TrainSettings(epochs=1, batch_size=4, augment=False), segmentation_loss())
 
 
 def _distance_to(model, reference):
@@ -159,7 +160,8 @@ def test_rho_of_bin_stays_in_the_unit_interval_at_a_huge_learning_rate(monkeypat
     images, labels = _data()
     model = build_model({**SPEC, "norm": "bin"}, seed=0)
     layers = [m for m in model.modules() if isinstance(m, BatchInstanceNorm)]
-    train_local(model, images, labels, TrainSettings(epochs=2, batch_size=4, lr=1.0, weight_decay=0.1), segmentation_loss())
+    settings = TrainSettings(epochs=2, batch_size=4, lr=1.0, weight_decay=0.1, schedule="constant")  # the groups' base rates
+    train_local(model, images, labels, settings, segmentation_loss())
     (optimizer,) = optimizers
     (rho_group,) = [g for g in optimizer.param_groups if {id(p) for p in g["params"]} == {id(m.rho) for m in layers}]
     assert rho_group["lr"] == pytest.approx(10.0) and rho_group["weight_decay"] == 0.0

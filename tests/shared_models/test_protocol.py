@@ -10,6 +10,7 @@ import pytest
 from flwr.app import ConfigRecord, MetricRecord
 
 from server.run_config import ServerRunConfig
+from shared_models.config import ConfigError
 from shared_models import protocol as P
 from shared_models.protocol import EvalMetrics, ProtocolError, RoundConfig, SiteInfo, TrainMetrics, TrainSettings
 
@@ -18,10 +19,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 def _full() -> RoundConfig:
     return RoundConfig(
-        run_name="fed-1", model_spec={"name": "unet", "channels": [4, 8]}, fingerprint="abc", server_round=7,
+        run_name="fed-1", model_spec={"name": "unet", "channels": [4, 8]}, fingerprint="abc", server_round=7, num_rounds=9,
         policy="silobn", policy_overrides={"affine": "local"}, loss="dice",
         train=TrainSettings(epochs=3, lr=0.5, batch_size=2, seed=11, device="cuda:1", amp=False, channels_last=False,
-                            proximal_mu=0.01, weight_decay=1e-4),
+                            proximal_mu=0.01, weight_decay=1e-4, optimizer="sgd", momentum=0.9, schedule="cosine",
+                            warmup_fraction=0.1, persist_optimizer=False, augment=False),
         intensity="none", test_fraction=0.4, split_seed=5, sim_sites=("a", "b"), sim_data_dir="/d", sim_state_dir="/s",
         with_hd95=False, eval_statistics="stored", with_fingerprint=True, finetune_epochs=3,
     )
@@ -49,6 +51,23 @@ def test_server_run_config_builds_the_round_config() -> None:
     rc = cfg.round_config("fp")
     assert (rc.train.lr, rc.train.epochs, rc.sim_sites, rc.policy_overrides) == (0.1, 2, ("x", "y"), {"mixing": "shared"})
     assert RoundConfig.from_record(rc.to_record()) == rc
+
+
+def test_server_run_config_carries_the_local_recipe_and_the_federation_length() -> None:
+    cfg = ServerRunConfig(model="{}", num_rounds=12, optimizer="sgd", momentum=0.9, lr_schedule="cosine", warmup_fraction=0.05,
+                          persist_optimizer=False, augment=False)
+    rc = RoundConfig.from_record(ConfigRecord(cfg.round_config("fp").to_record()))
+    assert rc.num_rounds == 12
+    assert (rc.train.optimizer, rc.train.momentum, rc.train.schedule, rc.train.warmup_fraction) == ("sgd", 0.9, "cosine", 0.05)
+    assert (rc.train.persist_optimizer, rc.train.augment) == (False, False)
+    assert ServerRunConfig.from_run_config(cfg.to_run_config()) == cfg
+
+
+@pytest.mark.parametrize("changes,key", [({"optimizer": "lion"}, "optimizer"), ({"lr_schedule": "step"}, "lr-schedule"),
+                                         ({"warmup_fraction": 1.0}, "warmup-fraction"), ({"momentum": -0.1}, "momentum")])
+def test_server_run_config_refuses_unknown_recipe_values_naming_the_key(changes: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{key}:"):
+        ServerRunConfig(model="{}", **changes)
 
 
 @pytest.mark.parametrize(
