@@ -208,9 +208,9 @@ def read_header(path: Path, kind: str) -> Header:
     return Header(spatial, channels, affine)
 
 
-def _case_geometry(files: CaseFiles, site_root: Path) -> tuple[int, int]:
+def case_geometry(files: CaseFiles, site_root: Path | None = None) -> tuple[int, int]:
     """(channels, spatial dims) of a case whose files agree on one grid; DataError naming both files otherwise."""
-    for path in (*files.images, files.label):
+    for path in (*files.images, files.label) if site_root is not None else ():
         reason = outside_site(path, site_root)
         if reason:
             raise DataError(reason)
@@ -247,7 +247,7 @@ def discover_site(site_dir: str | Path) -> SiteFiles:
     geometry: dict[str, tuple[int, int]] = {}
     for files in pairs:
         try:
-            geometry[files.name] = _case_geometry(files, root)
+            geometry[files.name] = case_geometry(files, root)
         except DataError as exc:
             rejected.append(Rejected(files.name, str(exc)))
     usable = [f for f in pairs if f.name in geometry]

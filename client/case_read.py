@@ -54,13 +54,13 @@ class DropTrailingSingletond(MapTransform):
 
     def __init__(self, keys: KeysCollection, spatial_dims: int):
         super().__init__(keys)
-        self.spatial_dims, self.squeeze = spatial_dims, SqueezeDim(dim=-1)
+        self.spatial_dims = spatial_dims
 
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
             if d[key].ndim == self.spatial_dims + 2 and d[key].shape[-1] == 1:
-                d[key] = self.squeeze(d[key])
+                d[key] = d[key][..., 0]  # indexing keeps the 4x4 affine that NIfTI writers need
         return d
 
 
@@ -114,11 +114,11 @@ def check_label(values: np.ndarray, path: Path) -> np.ndarray:
     return values.astype(np.int64)
 
 
-def read_case_files(files: CaseFiles, spatial_dims: int, intensity: Intensity = "zscore") -> Case:
-    """One case as a :class:`Case` in its files' own grid; DataError naming the file for anything unusable."""
+def load_checked(files: CaseFiles, spatial_dims: int, orientation: str | None = None, spacing: Sequence[float] | None = None):
+    """(image float32 (C, *S), label int64 (1, *S), image MetaTensor) after the geometry transforms; values checked."""
     source = list(files.images) if len(files.images) > 1 else files.images[0]
     try:
-        data = geometry_transforms(("image", "label"), spatial_dims)({"image": source, "label": files.label})
+        data = geometry_transforms(("image", "label"), spatial_dims, orientation, spacing)({"image": source, "label": files.label})
     except Exception as exc:
         raise _unreadable(files, exc) from exc
     image = convert_to_numpy(data["image"], dtype=np.float32)
@@ -129,9 +129,15 @@ def read_case_files(files: CaseFiles, spatial_dims: int, intensity: Intensity = 
     label = check_label(convert_to_numpy(data["label"], dtype=np.float32), files.label)
     if image.shape[1:] != label.shape[1:] or label.shape[0] != 1:
         raise DataError(f"{files.images[0]}: image shape {image.shape[1:]} differs from label {files.label} shape {label.shape[1:]}")
+    return image, label, data["image"]
+
+
+def read_case_files(files: CaseFiles, spatial_dims: int, intensity: Intensity = "zscore") -> Case:
+    """One case as a :class:`Case` in its files' own grid; DataError naming the file for anything unusable."""
+    image, label, meta = load_checked(files, spatial_dims)
     if intensity == "zscore":
         image = convert_to_numpy(NormalizeIntensityd("image", channel_wise=True)({"image": image})["image"], dtype=np.float32)
-    return Case(files.name, image, label, voxel_spacing(data["image"], spatial_dims))
+    return Case(files.name, image, label, voxel_spacing(meta, spatial_dims))
 
 
 # ---------------------------------------------------------------- single files (new-site adaptation)
