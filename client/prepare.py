@@ -293,6 +293,18 @@ def write_prepared(src: Path, out: Path, pairs_by_site: dict, target: tuple[floa
     os.replace(tmp, out / "dataset.json")
 
 
+def prepared_geometry(site_dir: str | Path) -> tuple[str, tuple[float, ...]] | None:
+    """(orientation, spacing) a site's folder was prepared with, from its ``dataset.json``; None if not prepared here."""
+    marker = Path(site_dir).resolve().parent / "dataset.json"
+    try:
+        params = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(params, dict) or params.get("format") != "fedsite-prepared" or Path(site_dir).name not in params.get("sites", []):
+        return None
+    return str(params["orientation"]), tuple(float(v) for v in params["spacing"])
+
+
 # ---------------------------------------------------------------- CLI: fedsite prepare-data
 
 
