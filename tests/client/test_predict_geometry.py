@@ -89,3 +89,31 @@ def test_two_modalities_grouped_into_one_case(tmp_path):
     assert labels.shape == (8, 8, 8) and (labels[CUBE] == LABEL).all() and labels.sum() == LABEL * 27
     with pytest.raises(RuntimeError, match="2 channels, the model takes 3"):
         segment(Threshold(), pairs[1][0], "zscore", in_channels=3)
+
+
+def test_fedsite_predict_uses_the_sites_prepared_geometry(tmp_path, capsys):
+    """`fedsite predict` on a site whose data came from prepare-data: a flipped-x scan comes back in its own grid."""
+    from argparse import Namespace
+
+    from client.global_store import GlobalSnapshot, save_global
+    from client.predict import run
+    from shared_models import architecture_fingerprint, build_model
+
+    spec = {"name": "unet", "spatial-dims": 3, "in-channels": 1, "out-channels": 2, "channels": [4, 8], "norm": "batch"}
+    model = build_model(spec, seed=0)
+    state = tmp_path / "state"
+    save_global(state, GlobalSnapshot("r1", 1, spec, "fedavg", {}, architecture_fingerprint(model), model.state_dict(), "zscore"))
+    site_dir = tmp_path / "prepared" / "h1"
+    (site_dir / "images").mkdir(parents=True)
+    (tmp_path / "prepared" / "dataset.json").write_text(json.dumps(
+        {"format": "fedsite-prepared", "sites": ["h1"], "orientation": "RAS", "spacing": [1.0, 1.0, 1.0]}))
+    config = tmp_path / "site.yaml"
+    config.write_text(f"site-id: h1\nsuperlink: 127.0.0.1:9092\nroot-certificates: ca.pem\nauth-private-key: key\n"
+                      f"data-dir: {site_dir}\nstate-dir: {state}\n")
+    scan = _cube_image(tmp_path / "in" / "scan.nii.gz", FLIPPED_X, shape=(8, 6, 5))
+    out = tmp_path / "out" / "scan.nii.gz"
+    assert run(Namespace(site_config=config, input=scan, output=out, run=None, device="cpu")) == 0
+    assert "RAS at (1.0, 1.0, 1.0) mm" in capsys.readouterr().out
+    written = nib.load(out)
+    assert written.shape == (8, 6, 5) and np.allclose(written.affine, FLIPPED_X)
+    assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1}
