@@ -55,6 +55,7 @@ class SiteTensors:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    test_spacing: tuple[tuple[float, ...], ...] = ()  # voxel size (mm) of each test case: HD95 in mm
 
 
 def _stack(cases) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +70,7 @@ def site_tensors(paths: SitePaths, cfg: RoundConfig) -> SiteTensors:
     opts = dict(test_fraction=cfg.test_fraction, split_seed=cfg.split_seed, num_classes=num_classes, intensity=cfg.intensity)
     if not paths.pooled_sites:
         data = load_site(paths.data_dir, **opts)
-        return SiteTensors(*_stack(data.train), *_stack(data.test), data.num_classes)
+        return SiteTensors(*_stack(data.train), *_stack(data.test), data.num_classes, tuple(c.spacing for c in data.test))
     per_site = [load_site(paths.data_dir / s, **opts) for s in paths.pooled_sites]
     shape = tuple(int(max(d.spatial_shape[i] for d in per_site)) for i in range(len(per_site[0].spatial_shape)))
     per_site = [load_site(paths.data_dir / s, spatial_shape=shape, **opts) for s in paths.pooled_sites]
@@ -170,7 +171,8 @@ def evaluate(message: Message, context: Context) -> Message:
     data = site_tensors(paths, cfg)
     started = time.perf_counter()
     deploy_site_model(sm, cfg, paths, data)
-    result = evaluate_dice(sm.model, data.test_x, data.test_y, data.num_classes, cfg.train.device, cfg.train.batch_size, cfg.with_hd95)
+    result = evaluate_dice(sm.model, data.test_x, data.test_y, data.num_classes, cfg.train.device, cfg.train.batch_size, cfg.with_hd95,
+                          data.test_spacing)
     metrics = EvalMetrics(result.n, result.dice, result.per_class, result.hd95, result.hd95_per_class, time.perf_counter() - started,
                           result.per_case)
     content = RecordDict({P.METRICS: MetricRecord(metrics.to_record()), P.CONFIG: ConfigRecord({P.SITE_ID: paths.site})})

@@ -1,50 +1,47 @@
 """A site's segmentation dataset from disk: NIfTI image/label pairs read with MONAI.
 
-Layout of one site: ``SITE/images/<case>.nii.gz`` and ``SITE/labels/<case>.nii.gz``;
-a multi-site dataset is ``DATA/<site>/images|labels``. Everything that can be wrong
-with a hospital's export (a missing label, a NaN voxel, a label 2.5, a truncated
-file) fails here with a :class:`DataError` naming the file, not mid-round inside a
-Flower worker. Loaded sites are cached per process because a simulation asks for
-the same site every round; the cache key includes every file's size and mtime so
-an edited file is reloaded.
+Layout of one site: ``SITE/images/<case>.nii.gz`` (or one file per modality,
+``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ...) and ``SITE/labels/<case>.nii.gz``;
+a multi-site dataset is ``DATA/<site>/images|labels``. A case that a hospital's
+export got wrong (a missing label or modality, image and label on different grids,
+a NaN voxel, a label 2.5, a truncated file, a symlink out of the site folder) is
+rejected with a one-line reason naming its files, logged, and listed on the
+:class:`SiteData`; the site goes on with its other cases, and only a site without
+any usable case fails, as a :class:`DataError` naming it. Loaded sites are cached
+per process because a simulation asks for the same site every round; the cache
+key includes every file's size and mtime so an edited file is reloaded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from monai.data import NibabelReader
-from monai.transforms import EnsureChannelFirst, LoadImage, NormalizeIntensity, ResizeWithPadOrCrop, SqueezeDim
+from monai.transforms import ResizeWithPadOrCrop
 from monai.utils import convert_to_numpy
 
+from .case_files import SUFFIXES, DataError, Rejected, discover_site, pair_cases, scan_folder
+from .case_read import Case, check_label, read_case, read_case_files, read_image
+
+__all__ = [
+    "Case", "DataError", "Rejected", "SiteData", "SUFFIXES", "clear_cache", "infer_num_classes", "list_sites", "load_cases",
+    "load_site", "pair_cases", "read_case", "read_image", "resolve_in_channels", "scan_folder", "site_in_channels", "split_cases",
+]
+
 Intensity = Literal["zscore", "none"]
-SUFFIXES = (".nii.gz", ".nii")
 CACHE_SIZE = 32  # (site, options) entries kept per process; a simulation needs one per site
-
-
-class DataError(ValueError):
-    """A site's files are missing, unreadable or inconsistent (the message names the path)."""
-
-
-@dataclass(frozen=True)
-class Case:
-    """One image/label pair, channel-first: image float32 (1, *S), label int64 (1, *S)."""
-
-    name: str
-    image: np.ndarray
-    label: np.ndarray
+log = logging.getLogger("fedsite.data")
 
 
 @dataclass(frozen=True)
 class SiteData:
-    """A site's cases split into train/test, all padded/cropped to ``spatial_shape``."""
+    """A site's usable cases split into train/test, all padded/cropped to ``spatial_shape``; the rejected ones."""
 
     site: str
     root: Path
@@ -53,59 +50,23 @@ class SiteData:
     train: tuple[Case, ...]
     test: tuple[Case, ...]
     spatial_shape: tuple[int, ...]
+    in_channels: int = 1
+    rejected: tuple[Rejected, ...] = ()
+
+    @property
+    def n_rejected(self) -> int:
+        return len(self.rejected)
 
 
-# ---------------------------------------------------------------- discovery
+@dataclass(frozen=True)
+class LoadedCases:
+    """Every usable case of a site (one shape) and the rejected ones, before any split."""
 
-
-def _case_name(path: Path) -> str | None:
-    for suffix in SUFFIXES:
-        if path.name.endswith(suffix) and len(path.name) > len(suffix):
-            return path.name[: -len(suffix)]
-    return None
-
-
-def scan_folder(folder: Path) -> dict[str, Path]:
-    """Case name -> file of one images/ or labels/ folder (hidden files ignored)."""
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        name = _case_name(path)
-        if name is None or path.name.startswith(".") or not path.is_file():
-            continue
-        if name in found:
-            raise DataError(f"{path}: duplicate case {name!r} (also {found[name]})")
-        found[name] = path
-    return found
-
-
-def pair_cases(
-    site_dir: Path, images: str = "images", labels: str = "labels", case_of: Callable[[str, Path], str] | None = None
-) -> list[tuple[str, Path, Path]]:
-    """(name, image, label) of every case of a site, sorted by name; checks pairing.
-
-    ``case_of(image_stem, path)`` maps an image file's name to its case when it is
-    not the label's name (nnU-Net's ``case_0000`` channel suffix); it may raise
-    :class:`DataError` for a file the site cannot use.
-    """
-    images_dir, labels_dir = site_dir / images, site_dir / labels
-    for folder in (images_dir, labels_dir):
-        if not folder.is_dir():
-            raise DataError(f"{folder}: missing folder (a site needs {images}/ and {labels}/)")
-    image_files, label_files = scan_folder(images_dir), scan_folder(labels_dir)
-    cases: dict[str, Path] = {}
-    for stem, path in image_files.items():
-        case = stem if case_of is None or stem in label_files else case_of(stem, path)
-        if case not in label_files:
-            raise DataError(f"{path}: no label for this image (expected {labels_dir / (case + '.nii.gz')})")
-        if case in cases:
-            raise DataError(f"{path}: duplicate case {case!r} (also {cases[case]})")
-        cases[case] = path
-    for name, path in label_files.items():
-        if name not in cases:
-            raise DataError(f"{path}: label without an image in {images_dir}")
-    if not cases:
-        raise DataError(f"{site_dir}: empty site (no {'/'.join(SUFFIXES)} files in {images_dir})")
-    return [(name, cases[name], label_files[name]) for name in sorted(cases)]
+    cases: tuple[Case, ...]
+    rejected: tuple[Rejected, ...]
+    in_channels: int
+    spatial_dims: int
+    label_paths: tuple[tuple[str, Path], ...] = ()  # (case, label file), to name the file of a later rejection
 
 
 def list_sites(data_dir: str | Path) -> list[str]:
@@ -119,55 +80,6 @@ def list_sites(data_dir: str | Path) -> list[str]:
     return sites
 
 
-# ---------------------------------------------------------------- reading
-
-_READER = NibabelReader()
-_LOAD = LoadImage(image_only=True, dtype=np.float32)
-_CHANNEL_FIRST = EnsureChannelFirst()
-
-
-def read_image(path: Path, kind: str) -> np.ndarray:
-    """Channel-first float32 array (1, *S) of one file; 2D stored as (H, W, 1) becomes (1, H, W)."""
-    try:
-        data = _CHANNEL_FIRST(_LOAD(path, reader=_READER))
-    except Exception as exc:  # the reader raises anything from EOFError to zlib.error
-        raise DataError(f"{path}: unreadable {kind} ({type(exc).__name__}: {exc})") from exc
-    if data.shape[0] != 1:
-        raise DataError(f"{path}: {kind} has {data.shape[0]} channels, expected 1 (shape {tuple(data.shape)})")
-    if data.ndim == 4 and data.shape[-1] == 1:
-        data = SqueezeDim(dim=-1)(data)
-    if data.ndim not in (3, 4):
-        raise DataError(f"{path}: {kind} must be 2D or 3D, got spatial shape {tuple(data.shape[1:])}")
-    return convert_to_numpy(data, dtype=np.float32)
-
-
-def _read_label(path: Path) -> np.ndarray:
-    """Label as int64; non-finite, fractional or negative values are errors."""
-    label = read_image(path, "label")
-    if not np.isfinite(label).all():
-        raise DataError(f"{path}: label contains NaN/Inf")
-    if not np.array_equal(label, np.round(label)):
-        bad = label[label != np.round(label)].flat[0]
-        raise DataError(f"{path}: label values must be integers, found {bad:g}")
-    if label.min() < 0:
-        raise DataError(f"{path}: negative label value {label.min():g}")
-    return label.astype(np.int64)
-
-
-def read_case(name: str, image_path: Path, label_path: Path, intensity: Intensity) -> Case:
-    image = read_image(image_path, "image")
-    if not np.isfinite(image).all():
-        raise DataError(f"{image_path}: image contains {int((~np.isfinite(image)).sum())} NaN/Inf voxels")
-    label = _read_label(label_path)
-    if image.shape != label.shape:
-        raise DataError(
-            f"{image_path}: image shape {image.shape[1:]} differs from label {label_path} shape {label.shape[1:]}"
-        )
-    if intensity == "zscore":
-        image = convert_to_numpy(NormalizeIntensity()(image), dtype=np.float32)
-    return Case(name, image, label)
-
-
 def _fit(case: Case, shape: tuple[int, ...]) -> Case:
     """Center pad/crop to ``shape``; padding is 0 (the mean after z-scoring; background for labels)."""
     if case.image.shape[1:] == shape:
@@ -175,7 +87,7 @@ def _fit(case: Case, shape: tuple[int, ...]) -> Case:
     resize = ResizeWithPadOrCrop(shape)
     image = convert_to_numpy(resize(case.image), dtype=np.float32)
     label = convert_to_numpy(resize(case.label), dtype=np.int64)
-    return Case(case.name, image, label)
+    return Case(case.name, image, label, case.spacing)
 
 
 def _freeze(case: Case) -> Case:
@@ -183,7 +95,7 @@ def _freeze(case: Case) -> Case:
     image, label = np.ascontiguousarray(case.image), np.ascontiguousarray(case.label)
     image.setflags(write=False)
     label.setflags(write=False)
-    return Case(case.name, image, label)
+    return Case(case.name, image, label, case.spacing)
 
 
 # ---------------------------------------------------------------- cache
@@ -192,13 +104,20 @@ _LOCK = threading.RLock()
 _CACHE: OrderedDict[tuple, tuple[tuple, object]] = OrderedDict()
 
 
-def _fingerprint(pairs: list[tuple[str, Path, Path]]) -> tuple:
-    """(name, size, mtime_ns) of every file: changes when a file is edited, added or removed."""
+def _fingerprint(site_dir: Path) -> tuple:
+    """(name, size, mtime_ns) of every entry of images/ and labels/ (a symlink: its own and its target's).
+
+    Changes when a file is edited, added, removed or re-pointed; reads no file.
+    """
     items = []
-    for _, image, label in pairs:
-        for path in (image, label):
-            st = path.stat()
-            items.append((str(path), st.st_size, st.st_mtime_ns))
+    for sub in ("images", "labels"):
+        folder = site_dir / sub
+        if not folder.is_dir():
+            raise DataError(f"{folder}: missing folder (a site needs images/ and labels/)")
+        for path in sorted(folder.iterdir()):
+            st = path.lstat()
+            target = path.stat() if path.is_symlink() and path.exists() else st
+            items.append((str(path), st.st_size, st.st_mtime_ns, target.st_size, target.st_mtime_ns))
     return tuple(items)
 
 
@@ -240,31 +159,56 @@ def _check_options(intensity: str, spatial_shape) -> tuple[int, ...] | None:
     return shape
 
 
-def _build_cases(site_dir: Path, pairs, intensity: Intensity, shape: tuple[int, ...] | None) -> tuple[Case, ...]:
-    cases = [read_case(name, image, label, intensity) for name, image, label in pairs]
-    dims = {c.image.ndim - 1 for c in cases}
-    if len(dims) > 1:
-        first3 = next(c for c in cases if c.image.ndim == 4)
-        raise DataError(f"{site_dir}: mixes 2D and 3D images (e.g. {first3.name} is 3D)")
-    (ndim,) = dims
+def _read_all(site_dir: Path, intensity: Intensity) -> LoadedCases:
+    """Every usable case in its own shape, and the rejected cases with their reasons."""
+    found = discover_site(site_dir)
+    cases, rejected = [], list(found.rejected)
+    for files in found.cases:
+        try:
+            cases.append(read_case_files(files, found.spatial_dims, intensity))
+        except DataError as exc:
+            rejected.append(Rejected(files.name, str(exc)))
+    labels = tuple((f.name, f.label) for f in found.cases)
+    return LoadedCases(tuple(cases), tuple(sorted(rejected, key=lambda r: r.case)), found.in_channels, found.spatial_dims, labels)
+
+
+def _build_cases(site_dir: Path, intensity: Intensity, shape: tuple[int, ...] | None) -> LoadedCases:
+    loaded = _read_all(site_dir, intensity)
+    for r in loaded.rejected:
+        log.warning("site %s: rejected case %s: %s", site_dir.name, r.case, r.reason)
+    if not loaded.cases:
+        raise _no_valid_case(site_dir, loaded.rejected)
+    ndim = loaded.spatial_dims
     if shape is None:
-        shape = tuple(int(max(c.image.shape[1 + d] for c in cases)) for d in range(ndim))
+        shape = tuple(int(max(c.image.shape[1 + d] for c in loaded.cases)) for d in range(ndim))
     elif len(shape) != ndim:
         raise DataError(f"{site_dir}: images are {ndim}D but spatial_shape={shape} has {len(shape)} sizes")
-    return tuple(_freeze(_fit(c, shape)) for c in cases)
+    cases = tuple(_freeze(_fit(c, shape)) for c in loaded.cases)
+    return LoadedCases(cases, loaded.rejected, loaded.in_channels, ndim, loaded.label_paths)
+
+
+def _no_valid_case(site_dir: Path, rejected) -> DataError:
+    first = f"; first: {rejected[0].reason}" if rejected else ""
+    return DataError(f"site {site_dir.name} ({site_dir}): no valid case ({len(rejected)} rejected{first})")
+
+
+def load_all(
+    site_dir: str | Path, *, intensity: Intensity = "zscore", spatial_shape: tuple[int, ...] | None = None
+) -> LoadedCases:
+    """Every usable case of a site (sorted by name, one shape) and the rejected ones. Cached."""
+    site_dir = Path(site_dir)
+    shape = _check_options(intensity, spatial_shape)
+    if not site_dir.is_dir():
+        raise DataError(f"{site_dir}: site folder does not exist")
+    key = ("cases", str(site_dir.resolve()), intensity, shape)
+    return _cached(key, _fingerprint(site_dir), lambda: _build_cases(site_dir, intensity, shape))
 
 
 def load_cases(
     site_dir: str | Path, *, intensity: Intensity = "zscore", spatial_shape: tuple[int, ...] | None = None
 ) -> tuple[Case, ...]:
-    """All cases of a site, sorted by name, unsplit (prediction, pooled training). Cached."""
-    site_dir = Path(site_dir)
-    shape = _check_options(intensity, spatial_shape)
-    if not site_dir.is_dir():
-        raise DataError(f"{site_dir}: site folder does not exist")
-    pairs = pair_cases(site_dir)
-    key = ("cases", str(site_dir.resolve()), intensity, shape)
-    return _cached(key, _fingerprint(pairs), lambda: _build_cases(site_dir, pairs, intensity, shape))
+    """All usable cases of a site, sorted by name, unsplit (prediction, pooled training). Cached."""
+    return load_all(site_dir, intensity=intensity, spatial_shape=spatial_shape).cases
 
 
 def split_cases(names, test_fraction: float, split_seed: int) -> tuple[list[str], list[str]]:
@@ -290,17 +234,18 @@ def split_cases(names, test_fraction: float, split_seed: int) -> tuple[list[str]
     return sorted(n for n in names if n not in test), sorted(test)
 
 
-def _check_classes(pairs, cases: tuple[Case, ...], num_classes: int | None) -> int:
-    """Given num_classes: every label below it; None: infer max+1 (at least 2)."""
+def _check_classes(loaded: LoadedCases, num_classes: int | None) -> tuple[int, list[Rejected]]:
+    """Given num_classes: cases with a label at or above it are rejected; None: infer max+1 (at least 2)."""
+    cases, paths = loaded.cases, dict(loaded.label_paths)
     maxima = [int(c.label.max()) for c in cases]
     if num_classes is None:
-        return max(max(maxima) + 1, 2)
+        return max(max(maxima) + 1, 2), []
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    for (_, _, label_path), top in zip(pairs, maxima):
-        if top >= num_classes:
-            raise DataError(f"{label_path}: label value {top} >= num_classes={num_classes}")
-    return num_classes
+    return num_classes, [
+        Rejected(c.name, f"{paths.get(c.name, c.name)}: label value {top} >= num_classes={num_classes}")
+        for c, top in zip(cases, maxima) if top >= num_classes
+    ]
 
 
 def load_site(
@@ -312,40 +257,66 @@ def load_site(
     intensity: Intensity = "zscore",
     spatial_shape: tuple[int, ...] | None = None,
 ) -> SiteData:
-    """A site's cases with a deterministic train/test split. Cached (same object while files are unchanged)."""
+    """A site's usable cases with a deterministic train/test split. Cached (same object while files are unchanged)."""
     site_dir = Path(site_dir)
     shape = _check_options(intensity, spatial_shape)
     if not site_dir.is_dir():
         raise DataError(f"{site_dir}: site folder does not exist")
-    pairs = pair_cases(site_dir)
     root = site_dir.resolve()
     key = ("site", str(root), float(test_fraction), int(split_seed), num_classes, intensity, shape)
 
     def build() -> SiteData:
-        cases = load_cases(site_dir, intensity=intensity, spatial_shape=shape)  # arrays shared with this cache
-        classes = _check_classes(pairs, cases, num_classes)
+        loaded = load_all(site_dir, intensity=intensity, spatial_shape=shape)  # arrays shared with this cache
+        classes, over = _check_classes(loaded, num_classes)
+        for r in over:
+            log.warning("site %s: rejected case %s: %s", root.name, r.case, r.reason)
+        dropped = {r.case for r in over}
+        cases = [c for c in loaded.cases if c.name not in dropped]
+        rejected = tuple(sorted([*loaded.rejected, *over], key=lambda r: r.case))
+        if not cases:
+            raise _no_valid_case(site_dir, rejected)
         train_names, test_names = split_cases([c.name for c in cases], test_fraction, split_seed)
         by_name = {c.name: c for c in cases}
         return SiteData(
-            site=root.name,
-            root=root,
-            spatial_dims=cases[0].image.ndim - 1,
-            num_classes=classes,
-            train=tuple(by_name[n] for n in train_names),
-            test=tuple(by_name[n] for n in test_names),
-            spatial_shape=tuple(cases[0].image.shape[1:]),
+            site=root.name, root=root, spatial_dims=loaded.spatial_dims, num_classes=classes,
+            train=tuple(by_name[n] for n in train_names), test=tuple(by_name[n] for n in test_names),
+            spatial_shape=tuple(cases[0].image.shape[1:]), in_channels=loaded.in_channels, rejected=rejected,
         )
 
-    return _cached(key, _fingerprint(pairs), build)
+    return _cached(key, _fingerprint(site_dir), build)
 
 
 def infer_num_classes(data_dir: str | Path, sites: list[str] | None = None) -> int:
-    """Max label value over every site's label files + 1; at least one foreground class required."""
+    """Max label value over every usable label file + 1 (labels only: no image is read); a foreground class required."""
     data_dir = Path(data_dir)
     top = -1
     for site in sites if sites is not None else list_sites(data_dir):
-        for _, _, label_path in pair_cases(data_dir / site):
-            top = max(top, int(_read_label(label_path).max()))
+        for files in discover_site(data_dir / site).cases:
+            try:
+                top = max(top, int(check_label(read_image(files.label, "label"), files.label).max()))
+            except DataError:
+                continue  # the case is rejected when the site is loaded
     if top < 1:
         raise DataError(f"{data_dir}: no foreground label in any label file (max label {top})")
     return top + 1
+
+
+def site_in_channels(data_dir: str | Path, sites: list[str]) -> dict[str, int]:
+    """Image channels of each site's usable cases (from the files' headers; 0 for a site without one)."""
+    return {site: discover_site(Path(data_dir) / site).in_channels for site in sites}
+
+
+def resolve_in_channels(spec: dict, channels: dict[str, int]) -> int:
+    """The model's ``in-channels``: the data's, or the spec's when it agrees with every site (else an error naming it)."""
+    counts = {s: n for s, n in channels.items() if n > 0}
+    if not counts:
+        return int(spec.get("in-channels", spec.get("in_channels", 1)))
+    first = next(iter(counts))
+    for site, n in counts.items():
+        if n != counts[first]:
+            raise DataError(f"site {site} has {n} image channels but site {first} has {counts[first]}")
+    given = spec.get("in-channels", spec.get("in_channels"))
+    if given is not None and int(given) != counts[first]:
+        odd = next(s for s, n in counts.items() if n != int(given))
+        raise DataError(f"model in-channels {int(given)} but site {odd}'s images have {counts[odd]} channels")
+    return counts[first]

@@ -9,10 +9,16 @@ normalization) plus the site's own local tensors: those its last evaluation scor
 weights) or, without one, those of its last training (``local_state.pt``). Both files are checked (run, checksum,
 fingerprint, policy, key set) before anything is loaded.
 
-The input is read and normalized exactly as in training (``client/data.py``),
-padded at the end of each axis to a multiple of 16 (so every downsampling
-level fits) and cropped back; the label map is written with the input's affine
-and header, one file per input (a folder maps to a folder, same file names).
+The input is read and normalized exactly as in training (``client/case_read.py``;
+a multi-modality model takes ``case_0000``, ``case_0001``, ... files, or one 4D
+file). If the site's data was made by ``fedsite prepare-data`` (its
+``dataset.json``), the image is first reoriented and resampled the same way
+(MONAI ``Orientationd``/``Spacingd``). It is padded at the end of each axis to a
+multiple of 16 (so every downsampling level fits) and cropped back, and the label
+map is brought back to the input's own grid (MONAI ``Invertd``, nearest
+neighbour) and written with the input's affine and header: same shape, affine and
+orientation, one file per case (a folder maps to a folder; ``case_0000`` files
+give ``case.nii.gz``).
 """
 
 from __future__ import annotations
@@ -77,25 +83,51 @@ def personalised_model(state_dir: Path, site: str, run_name: str | None = None):
     return model.eval(), snap
 
 
-def segment(model, image_path: Path, intensity: str, device: str = "cpu"):
-    """Label map (numpy, the input's voxel grid) of one image."""
+def segment(model, image_files, intensity: str, device: str = "cpu", geometry=None, in_channels: int | None = None):
+    """Label map (numpy int64, the input's own voxel grid) of one case.
+
+    ``image_files``: one file, or one per modality in channel order. ``geometry``
+    (orientation, spacing) is the preprocessing the site's data had (``fedsite
+    prepare-data``): the image is reoriented and resampled to it with MONAI,
+    segmented, and the labels are brought back to the input's grid by inverting
+    those transforms with nearest-neighbour interpolation.
+    """
     import numpy as np
     import torch
-    from monai.transforms import NormalizeIntensity
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd, NormalizeIntensityd
+    from monai.utils import convert_to_numpy
 
-    from .data import read_image
+    from .case_files import read_header
+    from .case_read import geometry_transforms
     from .trainer import predict_labels, resolve_device
 
-    image = read_image(image_path, "image")  # (1, *S) float32, as in training
+    files = [Path(f) for f in ([image_files] if isinstance(image_files, (str, Path)) else image_files)]
+    dims = len(read_header(files[0], "image").shape)
+    orientation, spacing = geometry or (None, None)
+    pre = geometry_transforms(("image",), dims, orientation, spacing, modes=("bilinear",), padding=("border",))
+    try:
+        data = pre({"image": [str(f) for f in files] if len(files) > 1 else str(files[0])})
+    except Exception as exc:  # the reader raises anything on a damaged file
+        raise PredictError(f"{files[0]}: unreadable image ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+    image = convert_to_numpy(data["image"], dtype=np.float32)
+    if in_channels is not None and image.shape[0] != in_channels:
+        raise PredictError(f"{files[0]}: image has {image.shape[0]} channels, the model takes {in_channels}")
     if not np.isfinite(image).all():
-        raise PredictError(f"{image_path}: image contains NaN/Inf voxels")
-    if intensity == "zscore":
-        image = np.asarray(NormalizeIntensity()(image), dtype=np.float32)
+        raise PredictError(f"{files[0]}: image contains NaN/Inf voxels")
+    if intensity == "zscore":  # as in training (client.case_read), per channel
+        image = convert_to_numpy(NormalizeIntensityd("image", channel_wise=True)({"image": image})["image"], dtype=np.float32)
     shape = image.shape[1:]
     pad = [(0, 0)] + [(0, -s % PAD_MULTIPLE) for s in shape]
     x = torch.from_numpy(np.pad(image, pad))[None]
-    labels = predict_labels(model, x, resolve_device(device), batch_size=1)[0, 0].numpy()
-    return labels[tuple(slice(0, s) for s in shape)]
+    labels = predict_labels(model, x, resolve_device(device), batch_size=1)[0, 0]
+    labels = labels[tuple(slice(0, s) for s in shape)]
+    if geometry is None:
+        return labels.numpy().astype(np.int64)
+    meta = data["image"]
+    data["pred"] = MetaTensor(labels[None].float(), meta=meta.meta, applied_operations=meta.applied_operations)
+    back = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=True)(data)["pred"]
+    return np.rint(convert_to_numpy(back, dtype=np.float32)[0]).astype(np.int64)
 
 
 def write_label(labels, like: Path, out: Path) -> None:
@@ -117,15 +149,28 @@ def write_label(labels, like: Path, out: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _inputs(path: Path, out: Path) -> list[tuple[Path, Path]]:
+def _inputs(path: Path, out: Path, channels: int = 1) -> list[tuple[tuple[Path, ...], Path]]:
+    """(image files of one case, output file) per case: one file per case, or ``case_0000..`` files when channels > 1."""
+    from .case_files import CHANNEL, case_name
+
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.name.endswith(SUFFIXES) and not p.name.startswith("."))
         if not files:
             raise PredictError(f"{path}: no .nii/.nii.gz files")
-        return [(p, out / p.name) for p in files]
-    if not path.is_file():
+    elif path.is_file():
+        files = [path]
+        m = CHANNEL.match(case_name(path) or "")
+        if channels > 1 and m:  # one modality named: the case is every sibling _NNNN file
+            files = sorted(p for p in path.parent.iterdir() if (n := CHANNEL.match(case_name(p) or "")) and n.group("case") == m.group("case"))
+    else:
         raise PredictError(f"{path}: no such file or folder")
-    return [(path, out / path.name if out.is_dir() else out)]
+    groups: dict[str, list[Path]] = {}
+    for f in files:
+        m = CHANNEL.match(case_name(f) or "")
+        key = f"{m.group('case')}{f.name[len(case_name(f)):]}" if channels > 1 and m else f.name
+        groups.setdefault(key, []).append(f)
+    single = path.is_file() and not out.is_dir()
+    return [(tuple(fs), out if single else out / name) for name, fs in sorted(groups.items())]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -140,17 +185,21 @@ def run(args: argparse.Namespace) -> int:
     from shared_models.config import ConfigError, load_config
 
     from .daemon import SiteConfig, resolve_path
+    from .prepare import prepared_geometry
 
     try:
         cfg = load_config(SiteConfig, args.site_config)
         state_dir = resolve_path(args.site_config.resolve().parent, cfg.state_dir)
-        pairs = _inputs(args.input, args.output)
         model, snap = personalised_model(state_dir, cfg.site_id, args.run)
+        channels = int(snap.model_spec.get("in-channels", snap.model_spec.get("in_channels", 1)))
+        geometry = prepared_geometry(resolve_path(args.site_config.resolve().parent, cfg.data_dir))
+        pairs = _inputs(args.input, args.output, channels)
         for src, dst in pairs:
-            write_label(segment(model, src, snap.intensity, args.device), src, dst)
-            print(f"{src} -> {dst}")
+            write_label(segment(model, src, snap.intensity, args.device, geometry, channels), src[0], dst)
+            print(f"{', '.join(map(str, src))} -> {dst}")
     except (ConfigError, PredictError, RuntimeError, ValueError, OSError) as exc:
         print(f"fedsite predict: {exc}", file=sys.stderr)
         return 1
-    print(f"site {cfg.site_id}: run {snap.run_name}, global model of round {snap.round} + site-local tensors; {len(pairs)} image(s)")
+    how = f"; {geometry[0]} at {geometry[1]} mm, written back in each input's grid" if geometry else ""
+    print(f"site {cfg.site_id}: run {snap.run_name}, global model of round {snap.round} + site-local tensors; {len(pairs)} image(s){how}")
     return 0

@@ -32,18 +32,15 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from monai.data import NibabelReader
-from monai.transforms import EnsureChannelFirst, LoadImage, Orientation, Spacing
 from monai.utils import convert_to_numpy
 
-from .data import DataError, infer_num_classes, list_sites, load_cases, pair_cases
+from .case_files import CaseFiles, case_geometry
+from .case_read import load_checked
+from .data import DataError, infer_num_classes, list_sites, load_all, pair_cases
 
 FORMAT_VERSION = 1
 LAYOUTS = ("auto", "folder", "msd")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
-_LOAD = LoadImage(image_only=True, dtype=np.float32, reader=NibabelReader())
-_CHANNEL_FIRST = EnsureChannelFirst()
 
 
 # ---------------------------------------------------------------- discovery
@@ -91,23 +88,6 @@ def _nnunet_case(stem: str, path: Path) -> str:
 # ---------------------------------------------------------------- geometry
 
 
-def _load(path: Path, kind: str):
-    """Channel-first MetaTensor (1, *S) with its affine; a trailing singleton axis (2D as (H, W, 1)) is dropped."""
-    try:
-        data = _CHANNEL_FIRST(_LOAD(path))
-    except Exception as exc:  # nibabel/zlib raise anything on a truncated file
-        raise DataError(f"{path}: unreadable {kind} ({type(exc).__name__}: {exc})") from exc
-    if data.shape[0] != 1:
-        raise DataError(f"{path}: {kind} has {data.shape[0]} channels, expected 1 (shape {tuple(data.shape)})")
-    if data.ndim == 4 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim not in (3, 4):
-        raise DataError(f"{path}: {kind} must be 2D or 3D, got spatial shape {tuple(data.shape[1:])}")
-    if not np.isfinite(convert_to_numpy(data)).all():
-        raise DataError(f"{path}: {kind} contains NaN/Inf")
-    return data
-
-
 def _ras_spacing(affine: np.ndarray, dims: int) -> np.ndarray:
     """Voxel size along R, A(, S) once the image is reoriented to RAS."""
     affine = np.asarray(affine, dtype=float)
@@ -147,30 +127,14 @@ def median_spacing(pairs: Sequence[tuple[str, Path, Path]]) -> tuple[int, tuple[
 
 def resample_case(image_path: Path, label_path: Path, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image float32 (*S), label int64 (*S), affine 4x4) in RAS at ``spacing``; checks the pair."""
-    image, label = _load(image_path, "image"), _load(label_path, "label")
-    if image.shape != label.shape:
-        raise DataError(f"{image_path}: image shape {tuple(image.shape[1:])} differs from label {label_path} shape {tuple(label.shape[1:])}")
-    if not np.allclose(convert_to_numpy(image.affine), convert_to_numpy(label.affine), atol=1e-3):
-        raise DataError(f"{image_path}: image affine differs from the affine of its label {label_path}")
-    values = convert_to_numpy(label)
-    if not np.array_equal(values, np.round(values)) or values.min() < 0:
-        bad = values[(values != np.round(values)) | (values < 0)].flat[0]
-        raise DataError(f"{label_path}: label values must be non-negative integers, found {bad:g}")
-    dims = image.ndim - 1
+    files = CaseFiles(label_path.name, (image_path,), label_path)
+    channels, dims = case_geometry(files)  # shapes and affines agree (DataError names both files)
+    if channels != 1:
+        raise DataError(f"{image_path}: image has {channels} channels, expected 1")
     if len(spacing) < dims:
         raise DataError(f"{image_path}: {dims}D image but target spacing {tuple(spacing)} has {len(spacing)} values")
-    orient = Orientation(axcodes="RAS"[:dims], labels=_LABELS)
-    pixdim = tuple(float(s) for s in spacing[:dims])
-    image = Spacing(pixdim=pixdim, mode="bilinear", padding_mode="border", dtype=np.float32)(orient(image))
-    label = Spacing(pixdim=pixdim, mode="nearest", padding_mode="zeros", dtype=np.float32)(orient(label))
-    if image.shape != label.shape:  # same geometry in, same grid out; keep the guarantee explicit
-        raise DataError(f"{image_path}: resampled image {tuple(image.shape[1:])} and label {tuple(label.shape[1:])} differ")
-    affine = convert_to_numpy(image.affine, dtype=np.float64)
-    return (
-        convert_to_numpy(image, dtype=np.float32)[0],
-        np.rint(convert_to_numpy(label, dtype=np.float32)[0]).astype(np.int64),
-        affine,
-    )
+    image, label, meta = load_checked(files, dims, orientation="RAS", spacing=spacing)
+    return image[0], label[0], convert_to_numpy(meta.affine, dtype=np.float64)
 
 
 # ---------------------------------------------------------------- cache
@@ -233,8 +197,10 @@ def _check_out(src: Path, out: Path, sites: list[str]) -> None:
 def _validate_folder(src: Path, sites: list[str]) -> None:
     dims: dict[int, str] = {}
     for site in sites:
-        cases = load_cases(src / site, intensity="none")  # reads and checks every file (DataError names it)
-        dims.setdefault(cases[0].image.ndim - 1, site)
+        loaded = load_all(src / site, intensity="none")  # reads and checks every file
+        if loaded.rejected:  # validating in place: a case the site would skip is reported, not skipped
+            raise DataError(f"{len(loaded.rejected)} case(s) of site {site} unusable; first: {loaded.rejected[0].reason}")
+        dims.setdefault(loaded.spatial_dims, site)
     if len(dims) > 1:
         raise DataError(f"{src}: sites mix 2D ({dims[2]}) and 3D ({dims[3]}) images")
     infer_num_classes(src, sites)
@@ -325,6 +291,18 @@ def write_prepared(src: Path, out: Path, pairs_by_site: dict, target: tuple[floa
     tmp = out / ".dataset.json.tmp"
     tmp.write_text(json.dumps(params, indent=2) + "\n")
     os.replace(tmp, out / "dataset.json")
+
+
+def prepared_geometry(site_dir: str | Path) -> tuple[str, tuple[float, ...]] | None:
+    """(orientation, spacing) a site's folder was prepared with, from its ``dataset.json``; None if not prepared here."""
+    marker = Path(site_dir).resolve().parent / "dataset.json"
+    try:
+        params = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(params, dict) or params.get("format") != "fedsite-prepared" or Path(site_dir).name not in params.get("sites", []):
+        return None
+    return str(params["orientation"]), tuple(float(v) for v in params["spacing"])
 
 
 # ---------------------------------------------------------------- CLI: fedsite prepare-data

@@ -16,7 +16,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,7 +52,7 @@ class EvalReport:
     dice: float  # mean foreground Dice over classes (classes absent everywhere ignored)
     per_class: tuple[float, ...]
     n: int
-    hd95: float = float("nan")  # mean over classes of the 95th-percentile Hausdorff distance (voxels)
+    hd95: float = float("nan")  # mean over classes of the 95th-percentile Hausdorff distance (mm)
     hd95_per_class: tuple[float, ...] = ()
     per_case: tuple[tuple[float, ...], ...] = ()  # Dice per test case and foreground class (NaN: class absent)
 
@@ -214,12 +214,13 @@ def predict_labels(model: nn.Module, images: torch.Tensor, device: torch.device,
 
 def evaluate_dice(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int, device: str = "cpu", batch_size: int = 16,
-    with_hd95: bool = True,
+    with_hd95: bool = True, spacing: Sequence[Sequence[float]] | None = None,
 ) -> EvalReport:
-    """Mean foreground Dice (MONAI DiceMetric) of ``model`` on a held-out split.
+    """Mean foreground Dice (MONAI DiceMetric) of ``model`` on a held-out split; HD95 in mm with ``spacing``.
 
     Per class, Dice is averaged over the cases where the class is present in the
     ground truth (MONAI ``ignore_empty``); the site's score is the mean over classes.
+    ``spacing``: each case's voxel size in mm (None or empty: 1 per voxel).
     """
     pred = predict_labels(model, images, resolve_device(device), batch_size)
     pred_1h, true_1h = one_hot(pred, num_classes), one_hot(labels, num_classes)
@@ -227,7 +228,7 @@ def evaluate_dice(
     metric(pred_1h, true_1h)
     per_class = metric.aggregate().tolist()
     per_case = tuple(tuple(float(v) for v in row) for row in metric.get_buffer().tolist())
-    hd_per_class = hd95_per_class(pred_1h, true_1h) if with_hd95 else [float("nan")] * (num_classes - 1)
+    hd_per_class = hd95_per_class(pred_1h, true_1h, spacing) if with_hd95 else [float("nan")] * (num_classes - 1)
     return EvalReport(
         dice=_finite_mean(per_class),
         per_class=tuple(float(v) for v in per_class),
@@ -243,17 +244,24 @@ def _finite_mean(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
-def hd95_per_class(pred_1h: torch.Tensor, true_1h: torch.Tensor) -> list[float]:
-    """MONAI's 95th-percentile Hausdorff distance per foreground class, in voxels.
+def hd95_per_class(pred_1h: torch.Tensor, true_1h: torch.Tensor, spacing: Sequence[Sequence[float]] | None = None) -> list[float]:
+    """MONAI's 95th-percentile Hausdorff distance per foreground class, in mm (in voxels without ``spacing``).
 
-    Cases without the class in the ground truth are ignored; a class present in
-    the ground truth but never predicted counts as the image diagonal (the worst
-    possible distance) instead of infinity, so one miss cannot erase a mean.
+    ``spacing``: one voxel size per case (mm per array axis). Cases without the
+    class in the ground truth are ignored; a class present in the ground truth but
+    never predicted counts as the image diagonal in mm (the worst possible
+    distance) instead of infinity, so one miss cannot erase a mean.
     """
+    n, dims = pred_1h.shape[0], pred_1h.ndim - 2
+    per_case = [tuple(float(v) for v in s) for s in spacing] if spacing else [(1.0,) * dims] * n
+    if len(per_case) != n or any(len(s) != dims for s in per_case):
+        raise ValueError(f"spacing: expected {n} cases x {dims} axes, got {per_case}")
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")  # MONAI warns for every empty class
-        values = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(pred_1h, true_1h)
-    diagonal = torch.full_like(values, float(np.linalg.norm(pred_1h.shape[2:])))
+        values = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(pred_1h, true_1h, spacing=per_case)
+    extent = np.asarray(pred_1h.shape[2:], dtype=float)
+    diagonal = torch.tensor([float(np.linalg.norm(extent * np.asarray(s))) for s in per_case], dtype=values.dtype)
+    diagonal = diagonal[:, None].expand_as(values)
     present = true_1h[:, 1:].flatten(2).any(dim=2)
     predicted = pred_1h[:, 1:].flatten(2).any(dim=2)
     values = torch.where(present & ~predicted, diagonal, values)

@@ -85,9 +85,9 @@ def comparison_table(results: dict[str, Any]) -> str:
 
 
 def detail_table(results: dict[str, Any]) -> str:
-    """Markdown table of per-site Dice (mean ± std over seeds) and HD95 (voxels)."""
+    """Markdown table of per-site Dice (mean ± std over seeds) and HD95 (mm)."""
     sites = results["sites"]
-    rows = ["| method | " + " | ".join(f"{s} Dice | {s} HD95" for s in sites) + " |", "|---|" + "---|---|" * len(sites)]
+    rows = ["| method | " + " | ".join(f"{s} Dice | {s} HD95 (mm)" for s in sites) + " |", "|---|" + "---|---|" * len(sites)]
     for method, s in results["summary"].items():
         cells = []
         for site in sites:

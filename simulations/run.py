@@ -288,11 +288,15 @@ def run_dataset(cfg: ExperimentConfig, name: str, data: DataConfig, ds_out: Path
     from .report import summarise, write_reports
     from .stats import comparisons
     from .report_page import write_report_page
+    from client.data import resolve_in_channels, site_in_channels
 
     ds_out.mkdir(parents=True, exist_ok=True)
     try:
         root, sites, num_classes, spatial_dims = prepare_data(data, ds_out)
         cfg = plan_experiment(cfg, data, root, sites, ds_out)  # fills only what the experiment left unset
+        channels = site_in_channels(root, sites)  # the model's input channels come from the data
+        for c in (c for c in cfg.cells() if c.dataset == name):
+            resolve_in_channels(c.model, channels)  # an explicit in-channels that disagrees: one-line error
     except (ValueError, OSError) as exc:
         print(f"fedsite simulate: data error ({name}): {exc}", file=sys.stderr)
         return 2
@@ -304,7 +308,7 @@ def run_dataset(cfg: ExperimentConfig, name: str, data: DataConfig, ds_out: Path
     runs = []
     for cell in (c for c in cfg.cells() if c.dataset == name):
         progress.done += 1
-        cell = replace(cell, model={**cell.model, "spatial-dims": spatial_dims, "in-channels": 1, "out-channels": num_classes})
+        cell = replace(cell, model={**cell.model, "spatial-dims": spatial_dims, "in-channels": resolve_in_channels(cell.model, channels), "out-channels": num_classes})
         print(f"[{progress.done}/{progress.total}] {cell.label} seed {cell.seed} ...", flush=True)
         try:
             record, reused = run_cell(cfg, data, cell, root, sites, ds_out, verbose)

@@ -187,28 +187,61 @@ def _bad(tmp_path: Path, **kw) -> Path:
 
 
 def _expect(site: Path, fragment: str, **kw):
+    """The whole site fails with a DataError containing ``fragment``."""
     with pytest.raises(DataError) as info:
         load_site(site, **kw)
     assert fragment in str(info.value), str(info.value)
     return info.value
 
 
+def _rejected(site: Path, case: str, fragment: str, **kw) -> SiteData:
+    """Only ``case`` is rejected, with a reason containing ``fragment``; the site goes on with the others."""
+    data = load_site(site, **kw)
+    assert data.n_rejected == 1 and [r.case for r in data.rejected] == [case], data.rejected
+    assert fragment in data.rejected[0].reason and "\n" not in data.rejected[0].reason, data.rejected[0].reason
+    assert case not in {c.name for c in data.train + data.test}
+    assert len(data.train) + len(data.test) == 2
+    return data
+
+
 def test_missing_label(tmp_path):
     site = _bad(tmp_path)
     (site / "labels" / "case-01.nii.gz").unlink()
-    _expect(site, str(site / "images" / "case-01.nii.gz"))
+    _rejected(site, "case-01", str(site / "images" / "case-01.nii.gz"))
 
 
 def test_label_without_image(tmp_path):
     site = _bad(tmp_path)
     (site / "images" / "case-02.nii.gz").unlink()
-    _expect(site, str(site / "labels" / "case-02.nii.gz"))
+    _rejected(site, "case-02", str(site / "labels" / "case-02.nii.gz"))
 
 
 def test_shape_mismatch(tmp_path):
     site = _bad(tmp_path)
     _save(site / "labels" / "case-01.nii.gz", np.zeros((6, 7), np.uint8))
-    _expect(site, "case-01.nii.gz")
+    data = _rejected(site, "case-01", str(site / "labels" / "case-01.nii.gz"))
+    assert str(site / "images" / "case-01.nii.gz") in data.rejected[0].reason
+
+
+def test_affine_mismatch_names_both_files_and_is_logged(tmp_path, caplog):
+    site = _bad(tmp_path)
+    label = np.asarray(nib.load(site / "labels" / "case-01.nii.gz").dataobj)
+    nib.save(nib.Nifti1Image(label, np.diag([1.0, 1.0, 2.0, 1.0])), site / "labels" / "case-01.nii.gz")
+    with caplog.at_level("WARNING", logger="fedsite.data"):
+        data = _rejected(site, "case-01", "affine")
+    reason = data.rejected[0].reason
+    assert str(site / "images" / "case-01.nii.gz") in reason and str(site / "labels" / "case-01.nii.gz") in reason
+    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(lines) == 1 and "site bad" in lines[0] and "case-01" in lines[0]
+
+
+def test_affine_within_tolerance_is_accepted(tmp_path):
+    site = _bad(tmp_path)
+    label = np.asarray(nib.load(site / "labels" / "case-01.nii.gz").dataobj)
+    affine = np.eye(4)
+    affine[0, 3] = 1e-4
+    nib.save(nib.Nifti1Image(label, affine), site / "labels" / "case-01.nii.gz")
+    assert load_site(site).n_rejected == 0
 
 
 def test_nan_voxel(tmp_path):
@@ -216,7 +249,7 @@ def test_nan_voxel(tmp_path):
     image = np.ones((6, 6), np.float32)
     image[2, 3] = np.nan
     _save(site / "images" / "case-02.nii.gz", image)
-    _expect(site, str(site / "images" / "case-02.nii.gz"))
+    _rejected(site, "case-02", str(site / "images" / "case-02.nii.gz"))
 
 
 @pytest.mark.parametrize("value", [2.5, -1.0])
@@ -225,28 +258,54 @@ def test_bad_label_value(tmp_path, value):
     label = np.zeros((6, 6), np.float32)
     label[1, 1] = value
     _save(site / "labels" / "case-00.nii.gz", label)
-    _expect(site, str(site / "labels" / "case-00.nii.gz"))
+    _rejected(site, "case-00", str(site / "labels" / "case-00.nii.gz"))
 
 
 def test_label_at_or_above_num_classes(tmp_path):
-    site = _bad(tmp_path)  # labels 0..2
-    _expect(site, "labels", num_classes=2)
-    assert load_site(site, num_classes=3).num_classes == 3
+    site = _bad(tmp_path)  # labels 0..2 in every case
+    _save(site / "labels" / "case-01.nii.gz", np.ones((6, 6), np.uint8))  # 0..1 only
+    data = load_site(site, num_classes=2)
+    assert [c.name for c in data.train + data.test] == ["case-01"] and data.n_rejected == 2
+    assert all(">= num_classes=2" in r.reason and str(site / "labels") in r.reason for r in data.rejected)
+    assert load_site(site, num_classes=3).n_rejected == 0
+    make_site(tmp_path / "all3", [(6, 6)] * 2)  # every case has label 2: nothing left
+    _expect(tmp_path / "all3", "site all3", num_classes=2)
 
 
 def test_corrupt_file(tmp_path):
     site = make_site(tmp_path / "bad", [(40, 40)] * 3)
     path = site / "images" / "case-01.nii.gz"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated download
-    _expect(site, str(path))
+    _rejected(site, "case-01", str(path))
     path.write_bytes(gzip.compress(b"not a nifti header"))
-    _expect(site, str(path))
+    _rejected(site, "case-01", str(path))
 
 
-def test_multichannel_4d_image(tmp_path):
+def test_4d_image_not_matching_its_label(tmp_path):
     site = _bad(tmp_path)
     _save(site / "images" / "case-00.nii.gz", np.ones((6, 6, 2, 3), np.float32))
-    _expect(site, str(site / "images" / "case-00.nii.gz"))
+    _rejected(site, "case-00", str(site / "images" / "case-00.nii.gz"))
+
+
+def test_symlink_outside_the_site_is_rejected(tmp_path):
+    site = _bad(tmp_path)
+    outside = _save(tmp_path / "elsewhere" / "x.nii.gz", np.ones((6, 6), np.float32))
+    (site / "images" / "case-01.nii.gz").unlink()
+    (site / "images" / "case-01.nii.gz").symlink_to(outside)
+    data = _rejected(site, "case-01", "symlink pointing outside the site folder")
+    assert str(outside) in data.rejected[0].reason
+    inside = site / "images" / "case-02.nii.gz"  # a link within the site is fine
+    (site / "images" / "case-01.nii.gz").unlink()
+    (site / "images" / "case-01.nii.gz").symlink_to(inside)
+    assert load_site(site).n_rejected == 0
+
+
+def test_no_valid_case_fails_the_site(tmp_path):
+    site = make_site(tmp_path / "allbad", [(6, 6)] * 2)
+    for i in range(2):
+        _save(site / "labels" / f"case-{i:02d}.nii.gz", np.full((6, 6), 0.5, np.float32))
+    err = _expect(site, "site allbad")
+    assert "no valid case" in str(err) and "2 rejected" in str(err)
 
 
 def test_empty_and_malformed_sites(tmp_path):
