@@ -123,3 +123,14 @@ def fingerprint(site="site-a", shape=(100, 100), classes=(0, 1, 2, 3), num_train
         spacing=tuple(spacing or [1.0] * dims), classes=tuple(classes),
         class_fractions=tuple(1.0 / len(classes) for _ in classes), intensity=stats, intensity_foreground=stats,
     )
+
+
+def toy_segmentation(n=8, size=16, noise=0.1):
+    """(images, labels): a square with a smaller square inside, plus seeded Gaussian noise."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.zeros(n, 1, size, size, dtype=torch.long)
+    labels[:, :, 4:12, 4:12] = 1
+    labels[:, :, 6:9, 6:9] = 2
+    return labels.float() + noise * torch.randn(n, 1, size, size, generator=g), labels

@@ -9,6 +9,7 @@ from client.optim_recipe import OPTIMIZERS, build_optimizer, load_moments
 from client.schedule import SCHEDULES, LrSchedule, RoundPosition, lr_factor
 from client.trainer import TrainSettings, batches_per_epoch, train_local
 from shared_models import build_model
+from tests.helpers import toy_segmentation
 from shared_models.losses import segmentation_loss
 from shared_models.norms.bin import BatchInstanceNorm
 from shared_models.protocol import LR_SCHEDULES, OPTIMIZERS as PROTOCOL_OPTIMIZERS
@@ -17,11 +18,7 @@ SPEC = {"name": "unet", "channels": [4, 8], "norm": "batch", "out-channels": 3}
 
 
 def _data(n=8, size=16):
-    g = torch.Generator().manual_seed(0)
-    labels = torch.zeros(n, 1, size, size, dtype=torch.long)
-    labels[:, :, 4:12, 4:12] = 1
-    labels[:, :, 6:9, 6:9] = 2
-    return labels.float() + 0.3 * torch.randn(n, 1, size, size, generator=g), labels
+    return toy_segmentation(n, size, noise=0.3)
 
 
 # ---- schedule -------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from monai.networks.utils import one_hot
 
 from client.trainer import TrainingDivergedError, TrainSettings, evaluate_dice, hd95_per_class, resolve_device, train_local
 from shared_models import build_model
+from tests.helpers import toy_segmentation
 from shared_models.losses import segmentation_loss
 from shared_models.norms.bin import BatchInstanceNorm
 from shared_models.norms.registry import NORM_TYPES, NormType, OptimRule, TensorRole
@@ -14,12 +15,7 @@ SPEC = {"name": "unet", "channels": [4, 8], "norm": "batch", "out-channels": 3}
 
 
 def _data(n=8, size=16):
-    g = torch.Generator().manual_seed(0)
-    labels = torch.zeros(n, 1, size, size, dtype=torch.long)
-    labels[:, :, 4:12, 4:12] = 1
-    labels[:, :, 6:9, 6:9] = 2
-    images = labels.float() + 0.1 * torch.randn(n, 1, size, size, generator=g)
-    return images, labels
+    return toy_segmentation(n, size, noise=0.1)
 
 
 def test_non_finite_loss_is_refused_not_reported():
