@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from shared_models.protocol import IntensityStats, SiteFingerprint
 
-from .data import DataError, pair_cases, read_case, split_cases
+from .case_files import discover_site
+from .case_read import read_case_files
+from .data import DataError, split_cases
 
 SAMPLE_PER_CASE = 10_000  # voxels per case kept for the percentiles (nnU-Net samples 10k per case too)
 PERCENTILES = (0.5, 50.0, 99.5)
@@ -49,12 +50,6 @@ class _Intensities:
         return IntensityStats(mean, std, float(low), float(mid), float(high))
 
 
-def _spacing(path: Path, spatial_dims: int) -> tuple[float, ...]:
-    """Voxel size per spatial axis from the NIfTI header (mm)."""
-    zooms = nib.load(path).header.get_zooms()
-    return tuple(float(z) for z in zooms[:spatial_dims])
-
-
 def _median(rows: list[tuple], kind: type) -> tuple:
     return tuple(kind(v) for v in np.median(np.asarray(rows, dtype=np.float64), axis=0))
 
@@ -66,25 +61,29 @@ def site_fingerprint(site_dir: str | Path, *, test_fraction: float = 0.25, site_
     makes with ``test_fraction`` (the same for every split seed).
     """
     site_dir = Path(site_dir)
-    pairs = pair_cases(site_dir)
-    shapes, spacings, counts = [], [], np.zeros(0, dtype=np.int64)
+    found = discover_site(site_dir)
+    shapes, spacings, names, counts = [], [], [], np.zeros(0, dtype=np.int64)
     overall, foreground = _Intensities(), _Intensities()
-    for name, image_path, label_path in pairs:
-        case = read_case(name, image_path, label_path, "none")
+    for files in found.cases:
+        try:
+            case = read_case_files(files, found.spatial_dims, "none")
+        except DataError:
+            continue  # rejected when the site is loaded; the plan counts only usable cases
         shape = tuple(int(s) for s in case.image.shape[1:])
-        if shapes and len(shape) != len(shapes[0]):
-            raise DataError(f"{image_path}: {len(shape)}D image in a site of {len(shapes[0])}D images")
+        names.append(case.name)
         shapes.append(shape)
-        spacings.append(_spacing(image_path, len(shape)))
+        spacings.append(case.spacing or (1.0,) * len(shape))
         hist = np.bincount(case.label.ravel())
         counts = np.pad(counts, (0, max(0, hist.size - counts.size))) + np.pad(hist, (0, max(0, counts.size - hist.size)))
         overall.add(case.image.ravel())
-        foreground.add(case.image[case.label > 0])
+        foreground.add(case.image[:, case.label[0] > 0].ravel())
+    if not names:
+        raise DataError(f"site {site_dir.name} ({site_dir}): no valid case to fingerprint ({len(found.rejected)} rejected)")
     present = np.flatnonzero(counts)
-    train, _ = split_cases([name for name, _, _ in pairs], test_fraction, 0)
+    train, _ = split_cases(names, test_fraction, 0)
     return SiteFingerprint(
         site_id=site_id or site_dir.resolve().name,
-        num_cases=len(pairs),
+        num_cases=len(names),
         num_train=len(train),
         spatial_dims=len(shapes[0]),
         shape_median=_median(shapes, lambda v: int(round(v))),

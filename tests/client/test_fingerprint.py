@@ -83,12 +83,24 @@ def test_record_round_trip_and_malformed_records(tmp_path):
         SiteFingerprint.from_record(bad)
 
 
-def test_a_site_mixing_2d_and_3d_is_refused(tmp_path):
-    root, _, _ = _site(tmp_path / "mixed", [(10, 10)])
+def test_a_3d_case_in_a_2d_site_is_left_out_as_the_loader_rejects_it(tmp_path):
+    root, images, _ = _site(tmp_path / "mixed", [(10, 10), (12, 12)])
     _site(tmp_path / "other", [(6, 6, 6)])
     for kind in ("images", "labels"):
         (tmp_path / "other" / kind / "c0.nii.gz").rename(root / kind / "c9.nii.gz")
-    with pytest.raises(DataError, match="c9.nii.gz: 3D image in a site of 2D images"):
+    fp = site_fingerprint(root)
+    assert (fp.num_cases, fp.spatial_dims, fp.shape_max) == (2, 2, (12, 12))
+    every_voxel = np.concatenate([x.ravel() for x in images]).astype(np.float64)
+    assert fp.intensity.mean == pytest.approx(every_voxel.mean())
+    from client.data import load_site
+
+    assert [r.case for r in load_site(root).rejected] == ["c9"]
+
+
+def test_a_site_without_a_usable_case_is_refused_naming_it(tmp_path):
+    root, _, _ = _site(tmp_path / "broken", [(10, 10)])
+    (root / "labels" / "c0.nii.gz").unlink()
+    with pytest.raises(DataError, match="broken.*no valid case"):
         site_fingerprint(root)
 
 
