@@ -15,7 +15,6 @@ import os
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -27,7 +26,6 @@ from shared_models.partition import Split
 from shared_models import protocol as P
 from shared_models.protocol import EvalMetrics, RoundConfig, SiteInfo, TrainMetrics
 
-from .data import load_site
 from .fingerprint import site_fingerprint
 from .exchange import load_local, load_shared, local_tensors, shared_record
 from .global_store import GlobalSnapshot, save_global
@@ -38,44 +36,13 @@ from .site_state import DEPLOYED_FILE, SiteStateError, SiteStateStore
 from .personalise import finetune, personal_store
 from .refresh import has_local_statistics, refresh_statistics
 from .schedule import RoundPosition
-from .trainer import evaluate_dice, resolve_device, to_batch_tensors, train_local
+from .site_inputs import SiteInputs, site_inputs
+from .trainer import resolve_device, train_batches
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 log = logging.getLogger("fedsite.client")
 
 app = ClientApp()
-
-
-@dataclass
-class SiteTensors:
-    """A site's train and test tensors, stacked once."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    num_classes: int
-    test_spacing: tuple[tuple[float, ...], ...] = ()  # voxel size (mm) of each test case: HD95 in mm
-
-
-def _stack(cases) -> tuple[torch.Tensor, torch.Tensor]:
-    if not cases:
-        return torch.empty(0), torch.empty(0, dtype=torch.int64)
-    return to_batch_tensors(np.stack([c.image for c in cases]), np.stack([c.label for c in cases]))
-
-
-def site_tensors(paths: SitePaths, cfg: RoundConfig) -> SiteTensors:
-    """Load the site's split (the pooled node: every site's train split, one shape)."""
-    num_classes = int(cfg.model_spec.get("out_channels", cfg.model_spec.get("out-channels", 0))) or None
-    opts = dict(test_fraction=cfg.test_fraction, split_seed=cfg.split_seed, num_classes=num_classes, intensity=cfg.intensity)
-    if not paths.pooled_sites:
-        data = load_site(paths.data_dir, **opts)
-        return SiteTensors(*_stack(data.train), *_stack(data.test), data.num_classes, tuple(c.spacing for c in data.test))
-    per_site = [load_site(paths.data_dir / s, **opts) for s in paths.pooled_sites]
-    shape = tuple(int(max(d.spatial_shape[i] for d in per_site)) for i in range(len(per_site[0].spatial_shape)))
-    per_site = [load_site(paths.data_dir / s, spatial_shape=shape, **opts) for s in paths.pooled_sites]
-    train = [c for d in per_site for c in d.train]
-    return SiteTensors(*_stack(train), *_stack([]), per_site[0].num_classes)
 
 
 @dataclass
@@ -125,8 +92,8 @@ def prepare_model(message: Message, context: Context, evaluating: bool = False) 
 def train(message: Message, context: Context) -> Message:
     """Local training round; replies with shared tensors and training metrics."""
     cfg, paths, sm = prepare_model(message, context)
-    data = site_tensors(paths, cfg)
-    if len(data.train_x) == 0:
+    data = site_inputs(paths, cfg)
+    if data.num_train == 0:
         raise ValueError(f"site {paths.site}: no training cases")
     torch.set_num_threads(max(1, int(os.environ.get("FEDSITE_THREADS", "1"))))
     global_shared = {k: v.clone() for k, v in sm.model.state_dict().items() if k in set(sm.split.shared)}
@@ -135,7 +102,7 @@ def train(message: Message, context: Context) -> Message:
     optim_store = OptimizerStateStore(paths.state_dir, cfg.run_name, paths.site)
     stored = optim_store.load(fingerprint=sm.fingerprint, optimizer=settings.optimizer,
                               before_round=cfg.server_round) if settings.persist_optimizer else None
-    report = train_local(sm.model, data.train_x, data.train_y, settings, loss_fn, global_shared,
+    report = train_batches(sm.model, data.batches(settings), settings, loss_fn, global_shared,
                          position=RoundPosition(cfg.server_round, cfg.num_rounds), optimizer_state=stored)
     if settings.persist_optimizer:  # kept at the site: the reply below carries the shared tensors only
         optim_store.save(report.optimizer_state, fingerprint=sm.fingerprint, optimizer=settings.optimizer, round_=cfg.server_round)
@@ -148,7 +115,7 @@ def train(message: Message, context: Context) -> Message:
         "gpu_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
         **(sm.loaded_local or {"local_state_checksum": None, "local_state_round": None}),
     })
-    metrics = TrainMetrics(len(data.train_x), report.loss, report.seconds, report.samples / max(report.seconds, 1e-9))
+    metrics = TrainMetrics(data.num_train, report.loss, report.seconds, report.samples / max(report.seconds, 1e-9))
     content = RecordDict(
         {
             P.ARRAYS: shared_record(sm.model, sm.split, paths.site),
@@ -168,24 +135,24 @@ def evaluate(message: Message, context: Context) -> Message:
             f"site {paths.site}: no site-local state for run {cfg.run_name!r} under policy {cfg.policy.name}; "
             "this site never trained in this federation -- build its normalization with an adaptation step first"
         )
-    data = site_tensors(paths, cfg)
+    data = site_inputs(paths, cfg)
     started = time.perf_counter()
     deploy_site_model(sm, cfg, paths, data)
-    result = evaluate_dice(sm.model, data.test_x, data.test_y, data.num_classes, cfg.train.device, cfg.train.batch_size, cfg.with_hd95,
-                          data.test_spacing)
+    result = data.evaluate(sm.model, cfg)
     metrics = EvalMetrics(result.n, result.dice, result.per_class, result.hd95, result.hd95_per_class, time.perf_counter() - started,
                           result.per_case)
     content = RecordDict({P.METRICS: MetricRecord(metrics.to_record()), P.CONFIG: ConfigRecord({P.SITE_ID: paths.site})})
     return Message(content=content, reply_to=message)
 
 
-def deploy_site_model(sm: SiteModel, cfg: RoundConfig, paths: SitePaths, data: SiteTensors) -> None:
+def deploy_site_model(sm: SiteModel, cfg: RoundConfig, paths: SitePaths, data: SiteInputs) -> None:
     """Make the model this evaluation scores, and store it as the site would deploy it (`fedsite predict`)."""
-    finetuned = cfg.finetune_epochs > 0 and len(data.train_x) > 0
+    finetuned = cfg.finetune_epochs > 0 and data.num_train > 0
     if finetuned:
-        finetune(sm.model, data.train_x, data.train_y, cfg)
-    if cfg.eval_statistics == "refresh" and has_local_statistics(sm.split) and len(data.train_x):
-        refresh_statistics(sm.model, data.train_x, sm.split, cfg.train.batch_size, resolve_device(cfg.train.device))
+        finetune(sm.model, data.batches, cfg)
+    if cfg.eval_statistics == "refresh" and has_local_statistics(sm.split) and data.num_train:
+        images = data.statistics_images(cfg.train.seed)
+        refresh_statistics(sm.model, images, sm.split, cfg.train.batch_size, resolve_device(cfg.train.device))
         if not finetuned:
             SiteStateStore(paths.state_dir, cfg.run_name, paths.site, DEPLOYED_FILE).save(
                 local_tensors(sm.model, sm.split), fingerprint=sm.fingerprint, policy=cfg.policy, round_=cfg.server_round)
@@ -199,8 +166,8 @@ def query(message: Message, context: Context) -> Message:
     """Who is this node? (site id and dataset sizes; asked for, the data's fingerprint; never any tensor)."""
     cfg = RoundConfig.from_record(message.content[P.CONFIG])
     paths = resolve_site(context.node_config, cfg)
-    data = site_tensors(paths, cfg)
-    info = SiteInfo(paths.site, len(data.train_x), len(data.test_x))
+    data = site_inputs(paths, cfg)
+    info = SiteInfo(paths.site, data.num_train, data.num_test)
     content = RecordDict({P.CONFIG: ConfigRecord(info.to_record())})
     if cfg.with_fingerprint and not paths.pooled_sites:
         fingerprint = site_fingerprint(paths.data_dir, test_fraction=cfg.test_fraction, site_id=paths.site)

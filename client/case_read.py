@@ -132,9 +132,13 @@ def load_checked(files: CaseFiles, spatial_dims: int, orientation: str | None = 
     return image, label, data["image"]
 
 
-def read_case_files(files: CaseFiles, spatial_dims: int, intensity: Intensity = "zscore") -> Case:
-    """One case as a :class:`Case` in its files' own grid; DataError naming the file for anything unusable."""
-    image, label, meta = load_checked(files, spatial_dims)
+def read_case_files(
+    files: CaseFiles, spatial_dims: int, intensity: Intensity = "zscore",
+    orientation: str | None = None, spacing: Sequence[float] | None = None,
+) -> Case:
+    """One case as a :class:`Case` (in its files' own grid unless ``orientation``/``spacing`` say otherwise);
+    DataError naming the file for anything unusable."""
+    image, label, meta = load_checked(files, spatial_dims, orientation, spacing)
     if intensity == "zscore":
         image = convert_to_numpy(NormalizeIntensityd("image", channel_wise=True)({"image": image})["image"], dtype=np.float32)
     return Case(files.name, image, label, voxel_spacing(meta, spatial_dims))

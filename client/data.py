@@ -30,7 +30,7 @@ from .case_files import SUFFIXES, DataError, Rejected, discover_site, pair_cases
 from .case_read import Case, check_label, read_case, read_case_files, read_image
 
 __all__ = [
-    "Case", "DataError", "Rejected", "SiteData", "SUFFIXES", "clear_cache", "infer_num_classes", "list_sites", "load_cases",
+    "Case", "DataError", "Rejected", "SiteData", "SUFFIXES", "cached_for_site", "clear_cache", "infer_num_classes", "list_sites", "load_cases",
     "load_site", "pair_cases", "read_case", "read_image", "resolve_in_channels", "scan_folder", "site_in_channels", "split_cases",
 ]
 
@@ -137,6 +137,11 @@ def _cached(key: tuple, fingerprint: tuple, build):
         while len(_CACHE) > CACHE_SIZE:
             _CACHE.popitem(last=False)
         return value
+
+
+def cached_for_site(site_dir: Path, key: tuple, build):
+    """``build()`` memoised per process while the files of ``site_dir`` are unchanged (``key[1]``: the folder)."""
+    return _cached(key, _fingerprint(site_dir), build)
 
 
 def clear_cache() -> None:

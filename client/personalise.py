@@ -10,14 +10,15 @@ reply carries metrics, never a tensor.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
 from shared_models.losses import make_loss
-from shared_models.protocol import RoundConfig
+from shared_models.protocol import RoundConfig, TrainSettings
 
 from .site_state import PERSONAL_FILE, SiteStateStore
-from .trainer import TrainReport, train_local
+from .trainer import BatchSource, TrainReport, train_batches
 
 # A seed stream of its own: fine-tuning never replays a training round's shuffle.
 _FINETUNE_SEED_OFFSET = 7_919
@@ -29,10 +30,10 @@ def finetune_settings(cfg: RoundConfig):
                                seed=cfg.train.seed * 100_003 + cfg.server_round + _FINETUNE_SEED_OFFSET)
 
 
-def finetune(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: RoundConfig) -> TrainReport:
-    """Train every tensor of ``model`` in place on the site's training split."""
+def finetune(model: torch.nn.Module, batches: Callable[[TrainSettings], BatchSource], cfg: RoundConfig) -> TrainReport:
+    """Train every tensor of ``model`` in place on the site's training split (``batches(settings)``)."""
     settings = finetune_settings(cfg)
-    return train_local(model, images, labels, settings, make_loss(cfg.loss, model, seed=settings.seed))
+    return train_batches(model, batches(settings), settings, make_loss(cfg.loss, model, seed=settings.seed))
 
 
 def personal_store(state_dir, run_name: str, site: str) -> SiteStateStore:

@@ -16,8 +16,9 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -80,7 +81,7 @@ def _memory_format(device: torch.device, settings: TrainSettings, ndim: int) -> 
     return torch.channels_last if ndim == 4 else torch.channels_last_3d
 
 
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+def autocast_for(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     if device.type == "cuda" and enabled:
         return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     return contextlib.nullcontext()
@@ -102,6 +103,29 @@ def batches_per_epoch(n: int, batch_size: int) -> int:
     return count - 1 if count > 1 and n % batch_size == 1 else count
 
 
+class BatchSource(Protocol):
+    """Where a training loop gets its (image, label) batches: stacked tensors or a patch loader."""
+
+    spatial_dims: int
+    steps_per_epoch: int
+
+    def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class TensorBatches:
+    """Shuffled index-slice batches of tensors stacked once (whole images; one generator across epochs)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int):
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.spatial_dims = images.dim() - 2
+        self.steps_per_epoch = batches_per_epoch(len(images), batch_size)
+
+    def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for idx in _batches(len(self.images), self.batch_size, self.generator):
+            yield self.images[idx], self.labels[idx]
+
+
 def train_local(
     model: nn.Module,
     images: torch.Tensor,
@@ -110,11 +134,26 @@ def train_local(
     loss_fn: nn.Module,
     global_shared: Mapping[str, torch.Tensor] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    **recipe,
+) -> TrainReport:
+    """Train ``model`` in place for ``settings.epochs`` over (images, labels): :func:`train_batches` over
+    :class:`TensorBatches`."""
+    source = TensorBatches(images, labels, settings.batch_size, settings.seed)
+    return train_batches(model, source, settings, loss_fn, global_shared, progress, **recipe)
+
+
+def train_batches(
+    model: nn.Module,
+    source: BatchSource,
+    settings: TrainSettings,
+    loss_fn: nn.Module,
+    global_shared: Mapping[str, torch.Tensor] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
     *,
     position: RoundPosition = RoundPosition(),
     optimizer_state: StoredOptimizer | None = None,
 ) -> TrainReport:
-    """Train ``model`` in place for ``settings.epochs`` over (images, labels).
+    """Train ``model`` in place for ``settings.epochs`` epochs of ``source``.
 
     ``global_shared`` (parameter name -> tensor) enables the FedProx term
     ``mu/2 * ||w - w_global||^2`` over those parameters. Norm layers get the
@@ -124,26 +163,26 @@ def train_local(
     previous round's optimizer. The report carries the optimizer's final state.
     """
     device = resolve_device(settings.device)
-    fmt = _memory_format(device, settings, images.dim())
+    fmt = _memory_format(device, settings, source.spatial_dims + 2)
     model.to(device=device, memory_format=fmt).train()
     use_amp = device.type == "cuda" and settings.amp
     step = _Stepper(model, settings, device, use_amp, global_shared)
     if settings.persist_optimizer:
         restore(step.optimizer, optimizer_state)
-    first, total = position.span(batches_per_epoch(len(images), settings.batch_size) * settings.epochs)
+    first, total = position.span(source.steps_per_epoch * settings.epochs)
     schedule = LrSchedule(step.optimizer, settings.schedule, settings.warmup_fraction, first, total)
-    augment = Augmenter(images.dim() - 2, settings.seed) if settings.augment else None
-    generator = torch.Generator().manual_seed(settings.seed)
+    augment = Augmenter(source.spatial_dims, settings.seed) if settings.augment else None
     custom_step = getattr(model, "training_step", None)
     total_loss, steps, samples = 0.0, 0, 0
     started = time.perf_counter()
     for epoch in range(settings.epochs):
-        for idx in _batches(len(images), settings.batch_size, generator):
-            x, y = (images[idx], labels[idx]) if augment is None else augment(images[idx], labels[idx])
+        for x, y in source.epoch():
+            if augment is not None:
+                x, y = augment(x, y)
             x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
             y = y.to(device, non_blocking=True)
             schedule.set(steps)
-            with _autocast(device, use_amp):
+            with autocast_for(device, use_amp):
                 if custom_step is not None:
                     loss_value = custom_step(x, y, loss_fn, step)
                 else:
@@ -152,7 +191,7 @@ def train_local(
                     loss_value = loss.detach()
             total_loss += float(loss_value)
             steps += 1
-            samples += len(idx)
+            samples += len(x)
         if progress is not None:
             progress(epoch + 1, settings.epochs, total_loss / max(steps, 1))
     if device.type == "cuda":
@@ -206,7 +245,7 @@ def predict_labels(model: nn.Module, images: torch.Tensor, device: torch.device,
     outputs = []
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size].to(device)
-        with _autocast(device, amp):
+        with autocast_for(device, amp):
             logits = model(x)
         outputs.append(logits.float().argmax(dim=1, keepdim=True).cpu())
     return torch.cat(outputs)
@@ -230,16 +269,16 @@ def evaluate_dice(
     per_case = tuple(tuple(float(v) for v in row) for row in metric.get_buffer().tolist())
     hd_per_class = hd95_per_class(pred_1h, true_1h, spacing) if with_hd95 else [float("nan")] * (num_classes - 1)
     return EvalReport(
-        dice=_finite_mean(per_class),
+        dice=finite_mean(per_class),
         per_class=tuple(float(v) for v in per_class),
         n=len(images),
-        hd95=_finite_mean(hd_per_class),
+        hd95=finite_mean(hd_per_class),
         hd95_per_class=tuple(hd_per_class),
         per_case=per_case,
     )
 
 
-def _finite_mean(values: list[float]) -> float:
+def finite_mean(values: list[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return float(np.mean(finite)) if finite else float("nan")
 
@@ -266,4 +305,4 @@ def hd95_per_class(pred_1h: torch.Tensor, true_1h: torch.Tensor, spacing: Sequen
     predicted = pred_1h[:, 1:].flatten(2).any(dim=2)
     values = torch.where(present & ~predicted, diagonal, values)
     values = torch.where(present, values, torch.full_like(values, float("nan")))
-    return [_finite_mean(values[:, c].tolist()) for c in range(values.shape[1])]
+    return [finite_mean(values[:, c].tolist()) for c in range(values.shape[1])]

@@ -59,6 +59,9 @@ LR_SCHEDULE = "lr-schedule"
 WARMUP_FRACTION = "warmup-fraction"
 PERSIST_OPTIMIZER = "persist-optimizer"
 AUGMENT = "augment"
+PATCH_SIZE = "patch-size"
+TARGET_SPACING = "target-spacing"
+LOADER_WORKERS = "loader-workers"
 # Values of EVAL_STATISTICS: re-estimate site statistics under the final weights, or score them as trained (the papers).
 EVAL_STATISTICS_MODES = ("refresh", "stored")
 # Values of OPTIMIZER and LR_SCHEDULE (the site's registries in client/optim_recipe.py and client/schedule.py).
@@ -135,6 +138,32 @@ class TrainSettings:
     warmup_fraction: float = 0.0
     persist_optimizer: bool = True  # False: a fresh optimizer every round
     augment: bool = True  # MONAI spatial + intensity augmentation of training batches (never at evaluation)
+    # "96,96,64": train on random patches of this size and score with a sliding window over each case
+    # (client.patch_pipeline); "": whole images, stacked once (the 2D benchmarks' fast path)
+    patch_size: str = ""
+    target_spacing: str = ""  # with patches: resample every case to this voxel size (mm, "1.5,1.5,3"); "": native
+    loader_workers: int = 0  # with patches: DataLoader worker processes
+
+    @property
+    def patch_shape(self) -> tuple[int, ...]:
+        return parse_sizes(self.patch_size, PATCH_SIZE, int)
+
+    @property
+    def target_spacing_mm(self) -> tuple[float, ...]:
+        return parse_sizes(self.target_spacing, TARGET_SPACING, float)
+
+
+def parse_sizes(text: str, key: str, kind: type) -> tuple:
+    """ "96,96,64" -> (96, 96, 64); "" -> (); anything else non-positive or malformed is a ProtocolError naming ``key``."""
+    if not text.strip():
+        return ()
+    try:
+        values = tuple(kind(v) for v in text.split(","))
+    except ValueError as exc:
+        raise ProtocolError(f"{key}: expected comma-separated numbers, got {text!r}") from exc
+    if len(values) not in (2, 3) or any(v <= 0 for v in values):
+        raise ProtocolError(f"{key}: expected 2 or 3 positive sizes, got {text!r}")
+    return values
 
 
 @dataclass(frozen=True)
@@ -200,7 +229,8 @@ _TRAIN_KEYS = {
     LOCAL_EPOCHS: "epochs", LR: "lr", BATCH_SIZE: "batch_size", SEED: "seed", DEVICE: "device", AMP: "amp",
     CHANNELS_LAST: "channels_last", PROXIMAL_MU: "proximal_mu", WEIGHT_DECAY: "weight_decay",
     OPTIMIZER: "optimizer", MOMENTUM: "momentum", LR_SCHEDULE: "schedule", WARMUP_FRACTION: "warmup_fraction",
-    PERSIST_OPTIMIZER: "persist_optimizer", AUGMENT: "augment",
+    PERSIST_OPTIMIZER: "persist_optimizer", AUGMENT: "augment", PATCH_SIZE: "patch_size",
+    TARGET_SPACING: "target_spacing", LOADER_WORKERS: "loader_workers",
 }
 
 

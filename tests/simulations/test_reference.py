@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from client.app import site_tensors
+from client.site_inputs import site_tensors
 from client.data import load_site, split_cases
 from client.site_paths import resolve_site
 from client.trainer import evaluate_dice
