@@ -8,7 +8,11 @@ the dimensionality and their label maps must fit one class list.
 
 Rules (a pure function of the fingerprints):
 
-- patch shape: the per-axis median of the sites' median case shapes;
+- patch shape: the per-axis median of the sites' median case shapes, capped at
+  ``MAX_PATCH`` per axis and rounded down to a multiple of the network's stride;
+- patches or whole images: 3D volumes always train on random patches of the patch
+  shape, resampled to the median voxel size (they rarely fit in memory whole); 2D
+  slices train whole, stacked once, unless a median side exceeds ``MAX_PATCH``;
 - depth: halve while the bottleneck's smallest side stays >= ``MIN_BOTTLENECK``
   pixels (nnU-Net's minimum feature-map size), between 2 and 5 downsamplings;
 - widths ``16 * 2**level`` capped at 256, the widest lowered to fit ``max_width``;
@@ -35,6 +39,7 @@ MAX_WIDTH = 256
 MIN_BOTTLENECK = 8  # px: the smallest side of the deepest feature map
 MIN_DOWNSAMPLINGS, MAX_DOWNSAMPLINGS = 2, 5
 BATCH_SIZE = {2: 8, 3: 2}
+MAX_PATCH = {2: 512, 3: 96}  # voxels per axis; 96^3 keeps a batch of 2 within a CPU's or a small GPU's memory
 
 
 class PlanError(ValueError):
@@ -60,6 +65,8 @@ class Plan:
     lr: float
     batch_size: int
     reasons: dict[str, str]
+    patch_size: tuple[int, ...] = ()  # () = whole images; else train on random patches, score with a sliding window
+    target_spacing: tuple[float, ...] = ()  # with patches: every case resampled to this voxel size (mm)
 
     @property
     def model_spec(self) -> dict[str, Any]:
@@ -102,6 +109,17 @@ def _median(values: Sequence[float]) -> float:
     return float(ordered[mid]) if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
+def patch_for(median: Sequence[int], dims: int) -> tuple[tuple[int, ...], int, bool]:
+    """(patch shape, downsamplings, train on patches?) from the median case shape."""
+    capped = tuple(min(int(v), MAX_PATCH[dims]) for v in median)
+    levels = downsamplings_for(capped)
+    stride = 2**levels
+    patched = dims == 3 or capped != tuple(int(v) for v in median)
+    if not patched:
+        return capped, levels, False
+    return tuple(max(stride, v // stride * stride) for v in capped), levels, True
+
+
 def downsamplings_for(patch_shape: Sequence[int]) -> int:
     """2x downsamplings until the bottleneck's smallest side would drop below ``MIN_BOTTLENECK``."""
     smallest, levels = min(patch_shape), 0
@@ -123,15 +141,18 @@ def make_plan(
         raise PlanError("no site fingerprints to plan from")
     dims = _check_dims(fingerprints)
     classes = _check_classes(fingerprints)
-    patch = tuple(int(round(_median([fp.shape_median[a] for fp in fingerprints]))) for a in range(dims))
+    median = tuple(int(round(_median([fp.shape_median[a] for fp in fingerprints]))) for a in range(dims))
     spacing = tuple(_median([fp.spacing[a] for fp in fingerprints]) for a in range(dims))
-    levels = downsamplings_for(patch)
+    patch, levels, patched = patch_for(median, dims)
     channels = widths_for(levels, max_width)
     trainers = [fp for fp in fingerprints if training_sites is None or fp.site_id in training_sites] or list(fingerprints)
     smallest = min(trainers, key=lambda fp: fp.num_train)
     batch = max(1, min(BATCH_SIZE[dims], smallest.num_train))
     reasons = {
-        "patch_shape": f"median case shape over {len(fingerprints)} sites",
+        "patch_shape": f"median case shape over {len(fingerprints)} sites"
+                       + (f", at most {MAX_PATCH[dims]} per axis, a multiple of {2**levels}" if patched else ""),
+        "patch_size": ("random patches (3D)" if dims == 3 else f"random patches (a side over {MAX_PATCH[dims]})")
+                      + ", resampled to the median spacing" if patched else "whole images",
         "channels": f"{levels} downsamplings: bottleneck {'x'.join(str(s // 2**levels) for s in patch)} px "
                     f"(smallest side >= {MIN_BOTTLENECK}, {MIN_DOWNSAMPLINGS}..{MAX_DOWNSAMPLINGS} downsamplings)"
                     + (f", widths capped at {max_width}" if max_width < MAX_WIDTH else ""),
@@ -145,5 +166,6 @@ def make_plan(
         classes=classes, num_classes=classes[-1] + 1, downsamplings=levels,
         bottleneck=tuple(s // 2**levels for s in patch), model=MODEL, channels=channels, norm=NORM,
         optimizer=OPTIMIZER, lr=LR, batch_size=batch, reasons=reasons,
+        patch_size=patch if patched else (), target_spacing=spacing if patched else (),
     )
 

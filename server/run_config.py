@@ -31,6 +31,9 @@ class ServerRunConfig:
     warmup_fraction: float = _TRAIN.warmup_fraction
     persist_optimizer: bool = _TRAIN.persist_optimizer
     augment: bool = _TRAIN.augment
+    patch_size: str = _TRAIN.patch_size  # "96,96,64": train on patches (client.patch_pipeline); "": whole images
+    target_spacing: str = _TRAIN.target_spacing  # with patches: "1.5,1.5,3" mm; "": each case's own
+    loader_workers: int = _TRAIN.loader_workers
     batch_size: int = _TRAIN.batch_size
     seed: int = _TRAIN.seed
     loss: str = _ROUND.loss
@@ -125,6 +128,7 @@ class ServerRunConfig:
                 amp=self.amp, channels_last=self.channels_last, proximal_mu=self.proximal_mu,
                 optimizer=self.optimizer, momentum=self.momentum, schedule=self.lr_schedule,
                 warmup_fraction=self.warmup_fraction, persist_optimizer=self.persist_optimizer, augment=self.augment,
+                patch_size=self.patch_size, target_spacing=self.target_spacing, loader_workers=self.loader_workers,
             ),
             intensity=self.intensity,
             test_fraction=self.test_fraction,

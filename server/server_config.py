@@ -44,6 +44,9 @@ class FederationSection:
     warmup_fraction: float = _RUN.warmup_fraction
     persist_optimizer: bool = _RUN.persist_optimizer  # the site keeps its optimizer state across rounds
     augment: bool = _RUN.augment
+    patch_size: tuple[int, ...] = ()  # e.g. [96, 96, 64]: sites train on random patches; []: whole images
+    target_spacing: tuple[float, ...] = ()  # with patches: every case resampled to this voxel size (mm)
+    loader_workers: int = _RUN.loader_workers
     batch_size: int = _RUN.batch_size
     seed: int = _RUN.seed
     intensity: str = _RUN.intensity
@@ -100,6 +103,9 @@ def run_config(cfg: ServerConfig, out_dir: Path) -> dict[str, Any]:
         warmup_fraction=fed.warmup_fraction,
         persist_optimizer=fed.persist_optimizer,
         augment=fed.augment,
+        patch_size=",".join(str(int(v)) for v in fed.patch_size),
+        target_spacing=",".join(f"{float(v):g}" for v in fed.target_spacing),
+        loader_workers=fed.loader_workers,
         batch_size=fed.batch_size,
         seed=fed.seed,
         loss=fed.loss,

@@ -114,6 +114,10 @@ class ExperimentConfig:
     persist_optimizer: bool = _TRAIN.persist_optimizer  # False: a fresh optimizer every round
     augment: bool = _TRAIN.augment
     batch_size: int | None = None  # None: from the data's plan
+    # random patches of this size (sliding-window scoring); [] whole images; None: from the plan (3D: patches)
+    patch_size: tuple[int, ...] | None = None
+    target_spacing: tuple[float, ...] | None = None  # with patches, mm per axis; [] native; None: from the plan
+    loader_workers: int = 0
     loss: str = "dicece"
     device: str = "auto"
     amp: bool = True

@@ -59,10 +59,10 @@ def apply_plan(cfg: ExperimentConfig, plan: Plan) -> tuple[ExperimentConfig, dic
     """The concrete experiment and, per planned value, whether it came from the plan or was set."""
     model = merge_model(cfg.model, plan.model_spec)
     sources = {f"model.{key}": GIVEN if key in (cfg.model or {}) else PLANNED for key in model}
-    sources["lr"] = GIVEN if cfg.lr is not None else PLANNED
-    sources["batch_size"] = GIVEN if cfg.batch_size is not None else PLANNED
-    resolved = replace(cfg, model=model, lr=plan.lr if cfg.lr is None else cfg.lr,
-                       batch_size=plan.batch_size if cfg.batch_size is None else cfg.batch_size)
+    for key in ("lr", "batch_size", "patch_size", "target_spacing"):
+        sources[key] = GIVEN if getattr(cfg, key) is not None else PLANNED
+    resolved = replace(cfg, model=model, **{key: getattr(plan, key) for key in ("lr", "batch_size", "patch_size", "target_spacing")
+                                             if getattr(cfg, key) is None})
     return resolved, sources
 
 
@@ -88,6 +88,9 @@ def describe(plan: Plan, fps: list[SiteFingerprint], cfg: ExperimentConfig, sour
         f"{mark('model.norm') if 'norm' in model else ''}; planned: {plan.reasons['channels']}",
         f"  training {plan.optimizer} lr {cfg.lr:g}{mark('lr')}, batch {cfg.batch_size}{mark('batch_size')}"
         f" (planned: {plan.reasons['batch_size']})",
+        f"  inputs   " + (f"patches {_shape(cfg.patch_size)}{mark('patch_size')}, spacing "
+                          f"{_shape(cfg.target_spacing) if cfg.target_spacing else 'native'}{mark('target_spacing')}"
+                          if cfg.patch_size else f"whole images{mark('patch_size')}") + f" (planned: {plan.reasons['patch_size']})",
     ])
 
 
@@ -99,7 +102,8 @@ def plan_experiment(cfg: ExperimentConfig, data: DataConfig, root: Path, sites: 
     print(describe(plan, fps, resolved, sources), flush=True)
     record = {
         "plan": plan.to_json(),
-        "applied": {"model": resolved.model, "lr": resolved.lr, "batch_size": resolved.batch_size},
+        "applied": {"model": resolved.model, "lr": resolved.lr, "batch_size": resolved.batch_size,
+                    "patch_size": list(resolved.patch_size or ()), "target_spacing": list(resolved.target_spacing or ())},
         "sources": sources,
         "fingerprints": [dataclasses.asdict(fp) for fp in fps],
     }

@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reset-optimizer", dest="persist_optimizer", action="store_false", default=None,
                         help="a fresh optimizer every round (default: the site continues its optimizer state)")
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--patch-size", type=_csv(int),
+                        help="train on random patches of this size, e.g. 64,64,48 (default: the plan's; 3D data gets patches)")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--eval-statistics", choices=EVAL_STATISTICS_MODES,
                         help="score with site norm statistics re-estimated under the final weights (refresh, default) "
@@ -93,6 +95,7 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
         augment=args.augment,
         persist_optimizer=args.persist_optimizer,
         batch_size=args.batch_size,
+        patch_size=args.patch_size,
         device=args.device,
         eval_statistics=args.eval_statistics,
         holdout=args.holdout,
@@ -102,6 +105,7 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
 
 def prepare_data(data: DataConfig, out: Path) -> tuple[Path, list[str], int, int]:
     """Data root, site names, number of classes and spatial dims of one dataset."""
+    from client.case_files import discover_site
     from client.data import infer_num_classes, list_sites, load_site
 
     from .domain_shift import DEFAULT_PROFILES
@@ -126,7 +130,9 @@ def prepare_data(data: DataConfig, out: Path) -> tuple[Path, list[str], int, int
                                     spatial_dims=source.spatial_dims, size=source.size, num_classes=source.num_classes, seed=source.seed)
         sites = [p.name for p in profiles]
     num_classes = infer_num_classes(root, sites)
-    first = load_site(root / sites[0], test_fraction=data.test_fraction, split_seed=data.split_seed, intensity=data.intensity)
+    first = discover_site(root / sites[0])  # headers only: a 3D site is not read whole to learn its dims
+    if not first.cases:
+        load_site(root / sites[0], test_fraction=data.test_fraction)  # raises the one-line error naming the site
     return root.resolve(), sites, num_classes, first.spatial_dims
 
 
@@ -149,6 +155,9 @@ def run_config_for(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Pa
         warmup_fraction=cfg.warmup_fraction,
         persist_optimizer=cfg.persist_optimizer,
         augment=cfg.augment,
+        patch_size=",".join(str(v) for v in cfg.patch_size or ()),
+        target_spacing=",".join(f"{v:g}" for v in cfg.target_spacing or ()),
+        loader_workers=cfg.loader_workers,
         batch_size=cfg.batch_size,
         seed=cell.seed,
         policy=m.policy,

@@ -87,3 +87,22 @@ def test_a_site_of_other_dims_is_named():
 def test_no_fingerprint_is_an_error():
     with pytest.raises(PlanError):
         make_plan([])
+
+
+def test_3d_volumes_train_on_patches_capped_and_divisible_by_the_stride_at_the_median_spacing():
+    from server.plan import MAX_PATCH
+
+    sites = [fingerprint("a", shape=(85, 100, 78), spacing=(2.0, 2.0, 2.0)), fingerprint("b", shape=(300, 140, 60), spacing=(2.0, 2.0, 4.0)),
+             fingerprint("c", shape=(90, 110, 80), spacing=(1.0, 2.0, 2.0))]
+    plan = make_plan(sites)
+    stride = 2**plan.downsamplings
+    assert plan.patch_size == plan.patch_shape and len(plan.patch_size) == 3
+    assert all(v <= MAX_PATCH[3] and v % stride == 0 for v in plan.patch_size)
+    assert plan.patch_size == (88, 96, 72)  # medians 90, 110 -> 96, 78 -> 72 at stride 8
+    assert plan.target_spacing == (2.0, 2.0, 2.0)
+
+
+def test_2d_slices_train_whole_unless_a_side_exceeds_the_cap():
+    assert make_plan([fingerprint("a", shape=(100, 120))]).patch_size == ()
+    large = make_plan([fingerprint("a", shape=(1024, 600), spacing=(0.5, 0.5))])
+    assert large.patch_size == (512, 512) and large.target_spacing == (0.5, 0.5)

@@ -23,7 +23,9 @@ def test_explicit_values_win_over_the_plan():
     cfg, sources = apply_plan(given, PLAN)
     assert cfg.model == {"name": "unet", "channels": [8, 16], "norm": "batch"}
     assert (cfg.lr, cfg.batch_size) == (0.02, 3)
-    assert sources == {"model.name": PLANNED, "model.channels": GIVEN, "model.norm": PLANNED, "lr": GIVEN, "batch_size": GIVEN}
+    assert sources == {"model.name": PLANNED, "model.channels": GIVEN, "model.norm": PLANNED, "lr": GIVEN, "batch_size": GIVEN,
+                       "patch_size": PLANNED, "target_spacing": PLANNED}
+    assert (cfg.patch_size, cfg.target_spacing) == (PLAN.patch_size, PLAN.target_spacing)
 
 
 def test_flags_are_explicit_values():
