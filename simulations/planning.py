@@ -33,8 +33,20 @@ def base_experiment(config: Path | None, data_dir: Path | None) -> ExperimentCon
     sized for its own 48x48 synthetic data, so with ``--data`` and no YAML the plan sets them."""
     cfg = load_experiment(config)
     if config is None and data_dir is not None:
-        cfg = replace(cfg, model=None, lr=None, batch_size=None)
+        cfg = replace(cfg, name=data_name(data_dir), model=None, lr=None, batch_size=None)
     return cfg
+
+
+def data_name(data_dir: Path) -> str:
+    """A report title that follows the data: the folder's name and its cases' dimensionality ("brats-3d")."""
+    from client.case_files import discover_site
+    from client.data import DataError, list_sites
+
+    try:
+        dims = next((d for d in (discover_site(data_dir / s).spatial_dims for s in list_sites(data_dir)) if d), 0)
+    except DataError:
+        dims = 0  # the data error is reported, naming the folder, when the dataset is prepared
+    return f"{Path(data_dir).resolve().name}-{dims}d" if dims else Path(data_dir).resolve().name
 
 
 def fingerprints(root: Path, sites: list[str], test_fraction: float) -> list[SiteFingerprint]:

@@ -45,4 +45,14 @@ def test_data_without_a_yaml_is_planned_but_the_demo_keeps_its_own_sizing():
     assert base_experiment(None, None) == demo and demo.model is not None and demo.lr is not None
     planned = base_experiment(None, Path("/data"))
     assert (planned.model, planned.lr, planned.batch_size) == (None, None, None)
-    assert planned == replace(demo, model=None, lr=None, batch_size=None)
+    assert planned == replace(demo, name="data", model=None, lr=None, batch_size=None)  # /data does not exist: no dims
+
+
+def test_a_folder_dataset_names_the_report_after_the_folder_and_its_dimensionality(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    for kind in ("images", "labels"):
+        (tmp_path / "hospitals" / "a" / kind).mkdir(parents=True)
+        nib.save(nib.Nifti1Image(np.zeros((6, 6, 5), np.uint8), np.eye(4)), tmp_path / "hospitals" / "a" / kind / "c0.nii.gz")
+    assert base_experiment(None, tmp_path / "hospitals").name == "hospitals-3d"
