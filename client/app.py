@@ -77,7 +77,8 @@ def prepare_model(message: Message, context: Context, evaluating: bool = False) 
     received = load_shared(model, message.content[P.ARRAYS], split, paths.site)
     # Kept for `fedsite predict`: the newest global shared tensors, next to the local state.
     save_global(paths.state_dir, GlobalSnapshot(cfg.run_name, cfg.server_round, cfg.model_spec, cfg.policy,
-                                                cfg.policy_overrides, fingerprint, received, cfg.intensity))
+                                                cfg.policy_overrides, fingerprint, received, cfg.intensity,
+                                                cfg.train.patch_size, cfg.train.target_spacing))
     store = SiteStateStore(paths.state_dir, cfg.run_name, paths.site)
     loaded = None
     if split.local and store.exists():

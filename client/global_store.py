@@ -43,6 +43,8 @@ class GlobalSnapshot:
     fingerprint: str
     tensors: dict[str, torch.Tensor]
     intensity: str = "zscore"  # the input normalization the model was trained with
+    patch_size: str = ""  # the training patch ("" whole images): prediction slides a window of this size
+    target_spacing: str = ""  # with patches: the voxel size (mm) training resampled every case to
 
 
 def global_path(state_dir: str | Path, run_name: str) -> Path:
@@ -70,6 +72,8 @@ def save_global(state_dir: str | Path, snapshot: GlobalSnapshot) -> Path:
             "policy_overrides": json.dumps(snapshot.policy_overrides),
             "fingerprint": snapshot.fingerprint,
             "intensity": snapshot.intensity,
+            "patch_size": snapshot.patch_size,
+            "target_spacing": snapshot.target_spacing,
             "checksum": tensors_checksum(cpu),
             "tensors": cpu,
         },
@@ -100,4 +104,6 @@ def load_global(state_dir: str | Path, run_name: str) -> GlobalSnapshot:
         fingerprint=blob["fingerprint"],
         tensors=blob["tensors"],
         intensity=blob.get("intensity", "zscore"),
+        patch_size=str(blob.get("patch_size", "")),
+        target_spacing=str(blob.get("target_spacing", "")),
     )

@@ -83,25 +83,57 @@ def personalised_model(state_dir: Path, site: str, run_name: str | None = None):
     return model.eval(), snap
 
 
-def segment(model, image_files, intensity: str, device: str = "cpu", geometry=None, in_channels: int | None = None):
+def training_geometry(snap, prepared):
+    """(orientation, spacing) training read the site's cases in, or None for the files' own grid.
+
+    A model trained on patches saw every case in RAS at the plan's voxel size (its
+    own, or ``prepare-data``'s, when the plan kept it native); a whole-image model
+    saw what ``prepare-data`` wrote, if it ran.
+    """
+    from shared_models.protocol import TARGET_SPACING, parse_sizes
+
+    from .patch_pipeline import ORIENTATION
+
+    if not snap.patch_size:
+        return prepared
+    spacing = parse_sizes(snap.target_spacing, TARGET_SPACING, float) or (prepared[1] if prepared else None)
+    return ORIENTATION, spacing
+
+
+def _label_map(model, image, device: str, patch: tuple[int, ...]):
+    """Arg-max labels (*S) of a normalised image (C, *S): a sliding window of the training patch, or one whole pass."""
+    import numpy as np
+    import torch
+
+    from .trainer import predict_labels, resolve_device
+
+    if patch:
+        from .patch_eval import window_logits
+
+        return window_logits(model, torch.from_numpy(image), patch, resolve_device(device)).argmax(dim=1)[0]
+    shape = image.shape[1:]
+    pad = [(0, 0)] + [(0, -s % PAD_MULTIPLE) for s in shape]
+    labels = predict_labels(model, torch.from_numpy(np.pad(image, pad))[None], resolve_device(device), batch_size=1)[0, 0]
+    return labels[tuple(slice(0, s) for s in shape)]
+
+
+def segment(model, image_files, intensity: str, device: str = "cpu", geometry=None, in_channels: int | None = None,
+            patch: tuple[int, ...] = ()):
     """Label map (numpy int64, the input's own voxel grid) of one case.
 
     ``image_files``: one file, or one per modality in channel order. ``geometry``
-    (orientation, spacing) is the preprocessing the site's data had (``fedsite
-    prepare-data``): the image is reoriented and resampled to it with MONAI,
+    (orientation, spacing) is the preprocessing training saw (:func:`training_geometry`): the image is reoriented and resampled to it with MONAI,
     segmented, and the labels are brought back to the input's grid by inverting
-    those transforms with nearest-neighbour interpolation.
+    those transforms with nearest-neighbour interpolation. ``patch``: the training
+    patch, slid over the image with Gaussian blending (else one whole-image pass).
     """
     import numpy as np
-    import torch
     from monai.data import MetaTensor
     from monai.transforms import Invertd, NormalizeIntensityd
     from monai.utils import convert_to_numpy
 
     from .case_files import read_header
     from .case_read import geometry_transforms
-    from .trainer import predict_labels, resolve_device
-
     files = [Path(f) for f in ([image_files] if isinstance(image_files, (str, Path)) else image_files)]
     dims = len(read_header(files[0], "image").shape)
     orientation, spacing = geometry or (None, None)
@@ -117,11 +149,7 @@ def segment(model, image_files, intensity: str, device: str = "cpu", geometry=No
         raise PredictError(f"{files[0]}: image contains NaN/Inf voxels")
     if intensity == "zscore":  # as in training (client.case_read), per channel
         image = convert_to_numpy(NormalizeIntensityd("image", channel_wise=True)({"image": image})["image"], dtype=np.float32)
-    shape = image.shape[1:]
-    pad = [(0, 0)] + [(0, -s % PAD_MULTIPLE) for s in shape]
-    x = torch.from_numpy(np.pad(image, pad))[None]
-    labels = predict_labels(model, x, resolve_device(device), batch_size=1)[0, 0]
-    labels = labels[tuple(slice(0, s) for s in shape)]
+    labels = _label_map(model, image, device, tuple(patch))
     if geometry is None:
         return labels.numpy().astype(np.int64)
     meta = data["image"]
@@ -174,32 +202,55 @@ def _inputs(path: Path, out: Path, channels: int = 1) -> list[tuple[tuple[Path, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--site-config", type=Path, required=True, help="the site's site.yaml (state-dir, site-id)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--site-config", type=Path, help="the site's site.yaml (state-dir, site-id)")
+    where.add_argument("--run-dir", type=Path, help="a simulated federation, OUT/runs/<cell> of `fedsite simulate` (with --site)")
+    parser.add_argument("--site", help="with --run-dir: the simulated site whose personalised model segments")
     parser.add_argument("--input", type=Path, required=True, help="a NIfTI image or a folder of them")
     parser.add_argument("--output", type=Path, required=True, help="output file (for one image) or folder")
     parser.add_argument("--run", help="run name (default: the run the site took part in last)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
 
 
-def run(args: argparse.Namespace) -> int:
-    from shared_models.config import ConfigError, load_config
+def _site_of(args: argparse.Namespace) -> tuple[str, Path, Path | None]:
+    """(site id, state dir, data dir or None): from a deployed site's site.yaml, or a simulated cell's folder."""
+    from shared_models.config import load_config
+    from shared_models.protocol import SIM_SITE_STATE as SIM_STATE_DIR
 
     from .daemon import SiteConfig, resolve_path
+
+    if args.site_config is not None:
+        cfg = load_config(SiteConfig, args.site_config)
+        base = args.site_config.resolve().parent
+        return cfg.site_id, resolve_path(base, cfg.state_dir), resolve_path(base, cfg.data_dir)
+    states = args.run_dir / SIM_STATE_DIR
+    sites = sorted(p.name for p in states.iterdir() if p.is_dir()) if states.is_dir() else []
+    if not sites:
+        raise PredictError(f"{args.run_dir}: no {SIM_STATE_DIR}/ folder (not a cell of `fedsite simulate`: OUT/runs/<cell>)")
+    if args.site not in sites:
+        raise PredictError(f"{args.run_dir}: --site {args.site!r} is not one of its sites ({', '.join(sites)})")
+    return args.site, states / args.site, None
+
+
+def run(args: argparse.Namespace) -> int:
+    from shared_models.config import ConfigError
+    from shared_models.protocol import PATCH_SIZE, parse_sizes
+
     from .prepare import prepared_geometry
 
     try:
-        cfg = load_config(SiteConfig, args.site_config)
-        state_dir = resolve_path(args.site_config.resolve().parent, cfg.state_dir)
-        model, snap = personalised_model(state_dir, cfg.site_id, args.run)
+        site_id, state_dir, data_dir = _site_of(args)
+        model, snap = personalised_model(state_dir, site_id, args.run)
         channels = int(snap.model_spec.get("in-channels", snap.model_spec.get("in_channels", 1)))
-        geometry = prepared_geometry(resolve_path(args.site_config.resolve().parent, cfg.data_dir))
+        geometry = training_geometry(snap, prepared_geometry(data_dir) if data_dir else None)
+        patch = parse_sizes(snap.patch_size, PATCH_SIZE, int)
         pairs = _inputs(args.input, args.output, channels)
         for src, dst in pairs:
-            write_label(segment(model, src, snap.intensity, args.device, geometry, channels), src[0], dst)
+            write_label(segment(model, src, snap.intensity, args.device, geometry, channels, patch), src[0], dst)
             print(f"{', '.join(map(str, src))} -> {dst}")
     except (ConfigError, PredictError, RuntimeError, ValueError, OSError) as exc:
         print(f"fedsite predict: {exc}", file=sys.stderr)
         return 1
     how = f"; {geometry[0]} at {geometry[1]} mm, written back in each input's grid" if geometry else ""
-    print(f"site {cfg.site_id}: run {snap.run_name}, global model of round {snap.round} + site-local tensors; {len(pairs)} image(s){how}")
+    print(f"site {site_id}: run {snap.run_name}, global model of round {snap.round} + site-local tensors; {len(pairs)} image(s){how}")
     return 0

@@ -60,6 +60,7 @@ WARMUP_FRACTION = "warmup-fraction"
 PERSIST_OPTIMIZER = "persist-optimizer"
 AUGMENT = "augment"
 PATCH_SIZE = "patch-size"
+SIM_SITE_STATE = "site-state"  # a simulated cell's folder: one state dir per site under it
 TARGET_SPACING = "target-spacing"
 LOADER_WORKERS = "loader-workers"
 # Values of EVAL_STATISTICS: re-estimate site statistics under the final weights, or score them as trained (the papers).

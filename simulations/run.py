@@ -19,7 +19,7 @@ from typing import Any
 from server.run_config import ServerRunConfig
 from shared_models.config import ConfigError
 from shared_models.durable import atomic_write_text
-from shared_models.protocol import EVAL_STATISTICS_MODES, LR_SCHEDULES, OPTIMIZERS, RESULTS_FILE
+from shared_models.protocol import EVAL_STATISTICS_MODES, LR_SCHEDULES, OPTIMIZERS, RESULTS_FILE, SIM_SITE_STATE
 
 from . import interrupt
 from .experiment import Cell, DataConfig, ExperimentConfig, with_overrides
@@ -176,7 +176,7 @@ def run_config_for(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Pa
         pooled=m.pooled,
         data_dir=str(root),
         sites=",".join(sites),
-        state_dir=str(cell_dir / "site-state"),
+        state_dir=str(cell_dir / SIM_SITE_STATE),
         resume=False,
     ).to_run_config()
 

@@ -117,3 +117,16 @@ def test_fedsite_predict_uses_the_sites_prepared_geometry(tmp_path, capsys):
     written = nib.load(out)
     assert written.shape == (8, 6, 5) and np.allclose(written.affine, FLIPPED_X)
     assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1}
+
+
+@pytest.mark.parametrize("affine", [RAS_2MM, FLIPPED_X], ids=["ras", "flipped-x"])
+def test_a_volume_larger_than_the_patch_is_segmented_by_windows_in_its_own_grid(tmp_path, affine):
+    src = _cube_image(tmp_path / "in" / "big.nii.gz", affine, shape=(20, 18, 16))
+    labels = segment(Threshold(), [src], "zscore", geometry=("RAS", (2.0, 2.0, 2.0)), in_channels=1, patch=(8, 8, 8))
+    out = tmp_path / "out" / "big.nii.gz"
+    write_label(labels, src, out)
+    written, ref = nib.load(out), nib.load(src)
+    assert written.shape == ref.shape and np.allclose(written.affine, ref.affine)
+    expected = np.zeros(ref.shape, np.int16)
+    expected[CUBE] = LABEL
+    np.testing.assert_array_equal(np.asarray(written.dataobj), expected)

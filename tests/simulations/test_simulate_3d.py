@@ -59,3 +59,10 @@ def test_3d_sites_train_on_patches_and_report_hd95_in_mm_with_the_mislabelled_ca
     assert "HD95 (mm)" in report and "hospitals-3d" in report
     caches = list((out / "runs").rglob("case-cache/*/*.pt"))
     assert caches, "the sites read their cases through the disk cache"
+
+    (cell,) = (out / "runs").iterdir()
+    scan = data / "c" / "images" / "c0.nii.gz"  # site c stores its scans with a flipped x axis
+    assert main(["predict", "--run-dir", str(cell), "--site", "c", "--input", str(scan), "--output", str(tmp_path / "c0.nii.gz")]) == 0
+    written, ref = nib.load(tmp_path / "c0.nii.gz"), nib.load(scan)
+    assert written.shape == ref.shape and np.allclose(written.affine, ref.affine)
+    assert main(["predict", "--run-dir", str(cell), "--site", "z", "--input", str(scan), "--output", str(tmp_path / "z.nii.gz")]) == 1
