@@ -35,8 +35,10 @@ from .reference import plain_epoch
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    parser.add_argument("--size", type=int, default=64, help="image side (2D)")
-    parser.add_argument("--cases", type=int, default=64, help="training cases per site")
+    parser.add_argument("--size", type=int, help="image side (default 64 in 2D, 48 in 3D)")
+    parser.add_argument("--cases", type=int, help="training cases per site (default 64 in 2D; 3D: 20, memory also at 10x)")
+    parser.add_argument("--3d", dest="three_d", action="store_true",
+                        help="the 3D patch pipeline against a plain MONAI loop, and its memory at 1x and 10x the volumes")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--repeats", type=int, default=5)
@@ -128,6 +130,12 @@ def bench_simulation(args: argparse.Namespace, root: Path, sites: list[str]) -> 
 
 def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.three_d:
+        from .bench_patches import run as run_3d
+
+        args.cases, args.size = args.cases or 20, args.size or 48
+        return run_3d(args)
+    args.cases, args.size = args.cases or 64, args.size or 64
     profiles = DEFAULT_PROFILES[: args.sites]
     root = generate_dataset(args.out / "data", profiles=profiles, cases_per_site=args.cases, size=(args.size, args.size))
     sites = [p.name for p in profiles]
