@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from shared_models.durable import atomic_torch_save, tensors_checksum
+from shared_models.durable import atomic_torch_save, read_torch, tensors_checksum
 
 FORMAT_VERSION = 1
 GLOBAL_FILE = "global_shared.pt"
@@ -56,7 +56,7 @@ def save_global(state_dir: str | Path, snapshot: GlobalSnapshot) -> Path:
     path = global_path(state_dir, snapshot.run_name)
     if path.exists():
         try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
+            stored = read_torch(path)
             if int(stored.get("round", -1)) > snapshot.round:
                 return path
         except Exception:  # a corrupt file is simply replaced
@@ -88,7 +88,7 @@ def load_global(state_dir: str | Path, run_name: str) -> GlobalSnapshot:
     if not path.exists():
         raise GlobalStoreError(f"{path}: no global model stored yet (the site has not taken part in run {run_name!r})")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = read_torch(path)
     except Exception as exc:
         raise GlobalStoreError(f"{path}: unreadable ({exc.__class__.__name__}: {exc})") from exc
     if not isinstance(blob, Mapping) or blob.get("format") != FORMAT_VERSION or blob.get("run") != run_name:

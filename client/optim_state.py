@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from shared_models.durable import atomic_torch_save, tensors_checksum
+from shared_models.durable import atomic_torch_save, read_torch, tensors_checksum
 
 from .optim_recipe import load_moments
 from .site_state import run_dir
@@ -92,7 +92,7 @@ class OptimizerStateStore:
 
     def _read(self, path: Path, fingerprint: str, optimizer: str) -> StoredOptimizer:
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+            blob = read_torch(path)
         except Exception as exc:  # torch raises several types for truncated/corrupt files
             raise _Unfit(f"unreadable ({exc.__class__.__name__})") from exc
         if not isinstance(blob, dict) or blob.get("format") != FORMAT_VERSION:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from shared_models.durable import atomic_torch_save, tensors_checksum
+from shared_models.durable import atomic_torch_save, read_torch, tensors_checksum
 
 FORMAT_VERSION = 1
 STATE_FILE = "local_state.pt"
@@ -96,7 +96,7 @@ class SiteStateStore:
 
     def _read(self, path: Path, fingerprint: str, policy: str, expected_keys: set[str]) -> tuple[dict[str, torch.Tensor], int]:
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+            blob = read_torch(path)
         except FileNotFoundError:
             raise
         except Exception as exc:  # torch raises several types for truncated/corrupt files

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from shared_models.durable import atomic_torch_save, tensors_checksum
+from shared_models.durable import atomic_torch_save, read_torch, tensors_checksum
 
 log = logging.getLogger("fedsite.server")
 FORMAT_VERSION = 1
@@ -113,7 +113,7 @@ class CheckpointStore:
             return None
         path = files[-1][1]
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+            blob = read_torch(path)
         except Exception as exc:
             raise CheckpointError(f"{path}: unreadable checkpoint ({exc.__class__.__name__}: {exc})") from exc
         if blob.get("format") != FORMAT_VERSION:

@@ -33,7 +33,7 @@ from .checkpoint import CheckpointStore, ServerCheckpoint, arrays_to_tensors, re
 from .run_config import ServerRunConfig
 from .sites import FederationError, Roster, collect_replies, messages_to, online_targets, wait_for_nodes
 from .strategy import TargetedGrid, aggregate_shared, make_strategy
-from .validation import check_aggregate, gate
+from .validation import GateLimits, check_aggregate, gate
 
 log = logging.getLogger("fedsite.server")
 __all__ = ["FederationError", "FederationResult", "run_federation", "train_round", "evaluate_sites"]
@@ -191,8 +191,9 @@ def train_round(grid: Grid, fed: Federation, round_cfg: RoundConfig) -> dict[str
     # the aggregation, and so the whole federation, reproducible run to run.
     replies = sorted(roster.successful(raw, "train", rnd), key=roster.site_of_reply)
     result.bytes_received += sum(r.content[P.ARRAYS].count_bytes() for r in replies if P.ARRAYS in r.content)
-    # Update validation: nothing malformed, non-finite or implausible reaches a strategy.
-    replies, rejections = gate(replies, fed.global_arrays, round_cfg.fingerprint, roster.max_examples, roster.site_of_reply)
+    # Update validation: nothing malformed, oversized, non-finite, implausible or far too long reaches a strategy.
+    limits = GateLimits(payload_ratio=cfg.payload_limit, norm_bound=cfg.update_norm_bound)
+    replies, rejections = gate(replies, fed.global_arrays, round_cfg.fingerprint, roster.max_examples, roster.site_of_reply, limits)
     for rej in rejections:
         log.warning("round %d: rejected the update of site %s: %s", rnd, rej.site, rej.reason)
     entry: dict[str, Any] = {

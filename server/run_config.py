@@ -60,6 +60,8 @@ class ServerRunConfig:
     round_timeout: float = 900.0
     min_train_nodes: int = 1  # quorum: valid updates a round needs to change the global model
     straggler_grace: float = -1.0  # once a quorum replied, wait at most this long for the rest (< 0: wait for all)
+    payload_limit: float = 1.5  # the gate refuses a reply of more array bytes than this x the shared model's (0: off)
+    update_norm_bound: float = 10.0  # ... and an update longer than this x the round's median update (0: off)
     eval_every: int = 1
     resume: bool = True
     checkpoint_keep: int = 3
@@ -72,6 +74,9 @@ class ServerRunConfig:
             raise ConfigError(f"finetune-epochs: must be >= 0, got {self.finetune_epochs}")
         if self.eval_statistics not in EVAL_STATISTICS_MODES:
             raise ConfigError(f"eval-statistics: expected one of {list(EVAL_STATISTICS_MODES)}, got {self.eval_statistics!r}")
+        for key in ("payload_limit", "update_norm_bound"):
+            if getattr(self, key) != 0 and getattr(self, key) < 1:
+                raise ConfigError(f"{key.replace('_', '-')}: must be 0 (off) or >= 1, got {getattr(self, key)}")
         if self.lr <= 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
         for key, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES)):

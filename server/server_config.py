@@ -60,6 +60,8 @@ class FederationSection:
     wait_seconds: float = 600.0
     round_timeout: float = 3600.0
     straggler_grace: float = 300.0
+    payload_limit: float = _RUN.payload_limit  # the update gate's bounds (see server.validation.GateLimits)
+    update_norm_bound: float = _RUN.update_norm_bound
     eval_every: int = 1
 
 
@@ -124,6 +126,8 @@ def run_config(cfg: ServerConfig, out_dir: Path) -> dict[str, Any]:
         wait_seconds=fed.wait_seconds,
         round_timeout=fed.round_timeout,
         straggler_grace=fed.straggler_grace,
+        payload_limit=fed.payload_limit,
+        update_norm_bound=fed.update_norm_bound,
         eval_every=fed.eval_every,
         resume=True,
     ).to_run_config()

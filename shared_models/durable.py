@@ -1,4 +1,4 @@
-"""Durable files: atomic writes and tensor checksums (site state, server checkpoints).
+"""Durable files: atomic writes, tensor checksums and a pickle-free reader (site state, server checkpoints).
 
 A crash must leave either the old or the new file, never a torn one: write a
 temporary file in the same folder, fsync it, rename it over the target, fsync
@@ -12,7 +12,7 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
@@ -45,6 +45,15 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def read_torch(path: str | Path) -> Any:
+    """The one way fedsite reads a torch file: tensors and plain containers only.
+
+    ``weights_only=True`` refuses any pickled global outside torch's allow-list,
+    so a crafted checkpoint or state file raises instead of running code.
+    """
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def atomic_torch_save(obj: object, path: Path) -> None:

@@ -96,10 +96,10 @@ class LocalGrid:
             msg.metadata.__dict__["_message_id"] = f"{msg.metadata.message_type}-{msg.metadata.dst_node_id}-{len(self.outbox)}-{i}"
             msg.metadata.__dict__["_src_node_id"] = 0
             node = msg.metadata.dst_node_id
+            self.sent.append(msg)  # before the reply: ``on_reply`` may read what the node was sent (``sent[-1]``)
             reply = client_app(msg, self.contexts[node])
             if self.on_reply is not None:
                 self.on_reply(self.nodes[node], msg.metadata.message_type, int(msg.content["config"]["server-round"]), reply.content)
-            self.sent.append(msg)
             self.outbox[msg.metadata.message_id] = reply
             ids.append(msg.metadata.message_id)
         return ids
