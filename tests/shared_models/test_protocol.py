@@ -23,7 +23,8 @@ def _full() -> RoundConfig:
         policy="silobn", policy_overrides={"affine": "local"}, loss="dice",
         train=TrainSettings(epochs=3, lr=0.5, batch_size=2, seed=11, device="cuda:1", amp=False, channels_last=False,
                             proximal_mu=0.01, weight_decay=1e-4, optimizer="sgd", momentum=0.9, schedule="cosine",
-                            warmup_fraction=0.1, persist_optimizer=False, augment=False),
+                            warmup_fraction=0.1, persist_optimizer=False, augment=False, patch_size="32,32,16",
+                            target_spacing="1.5,1.5,3", loader_workers=2),
         intensity="none", test_fraction=0.4, split_seed=5, sim_sites=("a", "b"), sim_data_dir="/d", sim_state_dir="/s",
         with_hd95=False, eval_statistics="stored", with_fingerprint=True, finetune_epochs=3,
     )
@@ -122,3 +123,12 @@ def test_no_message_key_is_a_literal_outside_the_contract() -> None:
                     if re.search(rf"""["']{re.escape(key)}["']""", line) and "add_argument" not in line and "--" + key not in line:
                         offenders.append(f"{path.name}:{lineno}: {key}")
     assert not offenders, offenders
+
+
+def test_patch_sizes_parse_and_a_malformed_one_names_its_key() -> None:
+    settings = TrainSettings(patch_size="32,32,16", target_spacing="1.5,1.5,3")
+    assert settings.patch_shape == (32, 32, 16) and settings.target_spacing_mm == (1.5, 1.5, 3.0)
+    assert TrainSettings().patch_shape == () and TrainSettings().target_spacing_mm == ()
+    for bad in ("32,x,16", "0,32,32", "32"):
+        with pytest.raises(P.ProtocolError, match="patch-size"):
+            TrainSettings(patch_size=bad).patch_shape
