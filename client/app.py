@@ -168,7 +168,7 @@ def query(message: Message, context: Context) -> Message:
     cfg = RoundConfig.from_record(message.content[P.CONFIG])
     paths = resolve_site(context.node_config, cfg)
     data = site_inputs(paths, cfg)
-    info = SiteInfo(paths.site, data.num_train, data.num_test)
+    info = SiteInfo(paths.site, data.num_train, data.num_test, data.num_rejected)
     content = RecordDict({P.CONFIG: ConfigRecord(info.to_record())})
     if cfg.with_fingerprint and not paths.pooled_sites:
         fingerprint = site_fingerprint(paths.data_dir, test_fraction=cfg.test_fraction, site_id=paths.site)

@@ -44,6 +44,8 @@ class SiteTensors:
     def num_test(self) -> int:
         return len(self.test_x)
 
+    num_rejected: int = 0
+
     def batches(self, settings: TrainSettings) -> BatchSource:
         return TensorBatches(self.train_x, self.train_y, settings.batch_size, settings.seed)
 
@@ -73,6 +75,10 @@ class SitePatches:
     def num_test(self) -> int:
         return len(self.site.test)
 
+    @property
+    def num_rejected(self) -> int:
+        return len(self.site.rejected)
+
     def batches(self, settings: TrainSettings) -> BatchSource:
         return PatchBatches(self.site, settings.batch_size, settings.seed, settings.loader_workers)
 
@@ -101,7 +107,9 @@ def site_tensors(paths: SitePaths, cfg: RoundConfig) -> SiteTensors:
     opts = dict(test_fraction=cfg.test_fraction, split_seed=cfg.split_seed, num_classes=_num_classes(cfg), intensity=cfg.intensity)
     if not paths.pooled_sites:
         data = load_site(paths.data_dir, **opts)
-        return SiteTensors(*_stack(data.train), *_stack(data.test), data.num_classes, tuple(c.spacing for c in data.test))
+        tensors = SiteTensors(*_stack(data.train), *_stack(data.test), data.num_classes, tuple(c.spacing for c in data.test))
+        tensors.num_rejected = data.n_rejected
+        return tensors
     per_site = [load_site(paths.data_dir / s, **opts) for s in paths.pooled_sites]
     shape = tuple(int(max(d.spatial_shape[i] for d in per_site)) for i in range(len(per_site[0].spatial_shape)))
     per_site = [load_site(paths.data_dir / s, spatial_shape=shape, **opts) for s in paths.pooled_sites]

@@ -55,6 +55,8 @@ class FederationResult:
     wall_s: float = 0.0
     resumed_from: int = 0
     config: dict[str, Any] = field(default_factory=dict)  # the run config, to rebuild any site's model later
+    left_out: dict[str, str] = field(default_factory=dict)  # node -> why it could not join at the start
+    rejected_cases: dict[str, int] = field(default_factory=dict)  # site -> cases it refused to read
 
     @property
     def mean_dice(self) -> float:
@@ -105,7 +107,9 @@ class Federation:
         log.info("sites: %s", roster.describe())
         log.info("policy %s: %d shared, %d site-local tensors; strategy %s", policy.name, len(split.shared), len(split.local), cfg.strategy)
         strategy = make_strategy(cfg.strategy, len(roster.train_nodes), json.loads(cfg.strategy_options))
-        result = FederationResult(cfg.run_name, policy.name, cfg.strategy, cfg.num_rounds, roster.sites, config=cfg.to_run_config())
+        result = FederationResult(cfg.run_name, policy.name, cfg.strategy, cfg.num_rounds, roster.sites, config=cfg.to_run_config(),
+                                  left_out={f"node-{n}": r for n, r in roster.excluded.items()},
+                                  rejected_cases={i.site_id: i.n_rejected for i in roster.info.values() if i.n_rejected})
         fed = cls(cfg, policy, split, fingerprint, base, roster, strategy, result, CheckpointStore(Path(cfg.out_dir) / "checkpoints", keep=cfg.checkpoint_keep),
                   ArrayRecord({k: state[k] for k in split.shared}), frozenset(n for n, p in model.named_parameters() if p.requires_grad),
                   fingerprints={json.dumps(cfg.model_spec, sort_keys=True): fingerprint})

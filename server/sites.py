@@ -9,6 +9,7 @@ pushes messages and pulls replies with a timeout, a quorum and a straggler grace
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -113,6 +114,14 @@ def ask_sites(grid: Grid, nodes: list[int], round_record: dict, timeout: float) 
     return info, errors
 
 
+def error_line(reason: str) -> str:
+    """The one line of a site's error reply that says what went wrong (its last ``...Error: ...`` line;
+    Flower's simulation wraps the ClientApp's exception in an engine traceback)."""
+    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception): ", line)]
+    return (named[-1] if named else lines[0] if lines else "no reason given")[:500]
+
+
 @dataclass
 class Roster:
     """The federation's sites: node -> site, who trains, who is scored, who is ignored."""
@@ -120,6 +129,7 @@ class Roster:
     info: dict[int, SiteInfo]
     pooled: bool = False
     ignored: set[int] = field(default_factory=set)
+    excluded: dict[int, str] = field(default_factory=dict)  # node -> why it was left out at the start
     train_nodes: list[int] = field(default_factory=list)
     eval_nodes: list[int] = field(default_factory=list)
 
@@ -136,11 +146,14 @@ class Roster:
 
     @classmethod
     def discover(cls, grid: Grid, nodes: list[int], round_record: dict, timeout: float, pooled: bool) -> Roster:
-        """Ask every node who it is; at the start a node that cannot say is fatal."""
+        """Ask every node who it is. A node that cannot say (e.g. a site without one valid case) is left
+        out with its reason logged, and the federation goes on with the others; none answering is fatal."""
         info, errors = ask_sites(grid, nodes, round_record, timeout)
-        if errors:
+        if errors and not info:
             raise FederationError("; ".join(f"node {n} failed to describe its site: {e}" for n, e in sorted(errors.items())))
-        return cls(info, pooled)
+        for node, reason in sorted(errors.items()):
+            log.warning("node %d left out of the federation, it failed to describe its site: %s", node, reason)
+        return cls(info, pooled, ignored=set(errors), excluded={n: error_line(e) for n, e in errors.items()})
 
     def site_of(self, node: int) -> str:
         return self.info[node].site_id if node in self.info else f"node-{node}"
@@ -158,7 +171,8 @@ class Roster:
         return {n: i.n_train for n, i in self.info.items()}
 
     def describe(self) -> str:
-        return ", ".join(f"{i.site_id} ({i.n_train} train / {i.n_test} test)" for i in sorted(self.info.values(), key=lambda i: i.site_id))
+        return ", ".join(f"{i.site_id} ({i.n_train} train / {i.n_test} test{f', {i.n_rejected} cases rejected' if i.n_rejected else ''})"
+                         for i in sorted(self.info.values(), key=lambda i: i.site_id))
 
     def admit_new_nodes(self, grid: Grid, round_record: dict, timeout: float) -> None:
         """Identify nodes that connected after the start: a new site, or a known site

@@ -73,6 +73,7 @@ LR_SCHEDULES = ("constant", "poly", "cosine")
 SITE_ID = "site-id"
 N_TRAIN = "n-train"
 N_TEST = "n-test"
+N_REJECTED = "n-rejected"
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
 LOSS = "loss"
 TRAIN_SECONDS = "train-seconds"
@@ -278,16 +279,17 @@ class SiteInfo:
     site_id: str
     n_train: int
     n_test: int
+    n_rejected: int = 0  # cases the site refused to read (each named in the site's own log)
 
     def to_record(self) -> dict[str, Any]:
-        return {SITE_ID: self.site_id, N_TRAIN: self.n_train, N_TEST: self.n_test}
+        return {SITE_ID: self.site_id, N_TRAIN: self.n_train, N_TEST: self.n_test, N_REJECTED: self.n_rejected}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> SiteInfo:
         return cls(**_read_fields(cls, _SITE_KEYS, record))
 
 
-_SITE_KEYS = {SITE_ID: "site_id", N_TRAIN: "n_train", N_TEST: "n_test"}
+_SITE_KEYS = {SITE_ID: "site_id", N_TRAIN: "n_train", N_TEST: "n_test", N_REJECTED: "n_rejected"}
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -50,10 +51,20 @@ def data_name(data_dir: Path) -> str:
 
 
 def fingerprints(root: Path, sites: list[str], test_fraction: float) -> list[SiteFingerprint]:
-    """Each site's fingerprint, computed on its own folder as the site itself would."""
+    """Each site's fingerprint, computed on its own folder as the site itself would. A site without one
+    usable case is left out of the plan with one line (the federation then leaves it out too)."""
+    from client.data import DataError
     from client.fingerprint import site_fingerprint
 
-    return [site_fingerprint(root / site, test_fraction=test_fraction, site_id=site) for site in sites]
+    found = []
+    for site in sites:
+        try:
+            found.append(site_fingerprint(root / site, test_fraction=test_fraction, site_id=site))
+        except DataError as exc:
+            print(f"fedsite simulate: site {site} left out of the plan: {exc}", file=sys.stderr)
+    if not found:
+        raise DataError(f"{root}: no site has a usable case")
+    return found
 
 
 def merge_model(given: dict[str, Any] | None, planned: dict[str, Any]) -> dict[str, Any]:

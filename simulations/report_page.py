@@ -26,7 +26,8 @@ def collect_examples(out: Path, results: dict[str, Any], root: Path, data: DataC
     for run in results["runs"]:
         first_seed.setdefault(run["method"], f"{run['method']}-seed{run['seed']}")
     examples: dict[str, dict[str, Any]] = {}
-    for site in results["sites"]:
+    trained = {site for run in results["runs"] for site in run.get("per_site", {})}
+    for site in (s for s in results["sites"] if s in trained):  # a site left out of every federation has no model
         site_data = load_site(root / site, test_fraction=data.test_fraction, split_seed=data.split_seed,
                               num_classes=results["num_classes"], intensity=data.intensity)
         if not site_data.test:

@@ -130,10 +130,11 @@ def prepare_data(data: DataConfig, out: Path) -> tuple[Path, list[str], int, int
                                     spatial_dims=source.spatial_dims, size=source.size, num_classes=source.num_classes, seed=source.seed)
         sites = [p.name for p in profiles]
     num_classes = infer_num_classes(root, sites)
-    first = discover_site(root / sites[0])  # headers only: a 3D site is not read whole to learn its dims
-    if not first.cases:
+    found = [discover_site(root / s) for s in sites]  # headers only: a 3D site is not read whole to learn its dims
+    usable = [f for f in found if f.cases]
+    if not usable:
         load_site(root / sites[0], test_fraction=data.test_fraction)  # raises the one-line error naming the site
-    return root.resolve(), sites, num_classes, first.spatial_dims
+    return root.resolve(), sites, num_classes, usable[0].spatial_dims
 
 
 def run_config_for(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Path, sites: list[str], cell_dir: Path) -> dict[str, Any]:

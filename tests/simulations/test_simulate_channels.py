@@ -63,3 +63,19 @@ def test_two_modalities_train_and_report_hd95_in_mm(tmp_path):
     (run,) = results["runs"]
     assert np.isfinite(run["mean_dice"]) and set(run["per_site"]) == {"a", "b"}
     assert "HD95 (mm)" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_site_without_a_valid_case_is_left_out_and_the_others_federate(tmp_path, capsys):
+    data = make_two_modality_sites(tmp_path / "data", cases=4)
+    for site, kind in (("c", "images"), ("c", "labels")):
+        (data / site / kind).mkdir(parents=True)
+    (data / "c" / "images" / "c0_0000.nii.gz").write_bytes(b"truncated")
+    (data / "c" / "labels" / "c0.nii.gz").write_bytes(b"truncated")
+    out = tmp_path / "out"
+    main(["simulate", "--config", str(_config(tmp_path, data)), "--out", str(out)])
+    assert "site c left out of the plan" in capsys.readouterr().err
+    federation = json.loads(next((out / "runs").glob("*/federation.json")).read_text())
+    assert federation["sites"] == ["a", "b"] and set(federation["per_site"]) == {"a", "b"}
+    (reason,) = federation["left_out"].values()
+    assert "site c" in reason and "no valid case" in reason
