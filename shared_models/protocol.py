@@ -5,20 +5,26 @@ server writes a :class:`RoundConfig` with :meth:`RoundConfig.to_record`, the
 ClientApp reads it back with :meth:`RoundConfig.from_record`; a site answers
 with :class:`SiteInfo`, :class:`TrainMetrics` or :class:`EvalMetrics`. The
 defaults live in the dataclasses below and nowhere else, so a key the server
-leaves out means the same on both sides.
+leaves out means the same on both sides. Typed record reading lives in
+:mod:`shared_models.records`, the site's data summary in :mod:`shared_models.site_summary`
+(re-exported here: both are part of the contract).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import json
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .partition import Policy
+from .records import SITE_ID, ProtocolError, checked, read_fields, read_json
+from .site_summary import (  # noqa: F401 -- part of the contract: a site's data summary
+    FINGERPRINT_RECORD, FP_CLASS_FRACTIONS, FP_CLASSES, FP_INTENSITY, FP_INTENSITY_FOREGROUND, FP_NUM_CASES, FP_NUM_TRAIN,
+    FP_SHAPE_MAX, FP_SHAPE_MEDIAN, FP_SHAPE_MIN, FP_SPACING, FP_SPATIAL_DIMS, INTENSITY_STATISTICS, IntensityStats,
+    SiteFingerprint,
+)
 
 # Records of a message's RecordDict.
 ARRAYS = "arrays"
@@ -70,7 +76,6 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "poly", "cosine")
 
 # Keys of a site's replies (site -> server).
-SITE_ID = "site-id"
 N_TRAIN = "n-train"
 N_TEST = "n-test"
 N_REJECTED = "n-rejected"
@@ -85,20 +90,6 @@ HD95 = "hd95"
 HD95_PER_CLASS = "hd95-per-class"
 EVAL_SECONDS = "eval-seconds"
 # Keys of a site's fingerprint (the query's FINGERPRINT record: a summary of its data, never an image).
-FINGERPRINT_RECORD = "fingerprint"
-FP_NUM_CASES = "num-cases"
-FP_NUM_TRAIN = "num-train"
-FP_SPATIAL_DIMS = "spatial-dims"
-FP_SHAPE_MEDIAN = "shape-median"
-FP_SHAPE_MIN = "shape-min"
-FP_SHAPE_MAX = "shape-max"
-FP_SPACING = "spacing"
-FP_CLASSES = "classes"
-FP_CLASS_FRACTIONS = "class-fractions"
-FP_INTENSITY = "intensity-all"  # a list in INTENSITY_STATISTICS order
-FP_INTENSITY_FOREGROUND = "intensity-foreground"  # the same over label > 0
-# The intensity statistics of a fingerprint, in record order.
-INTENSITY_STATISTICS = ("mean", "std", "p00_5", "p50", "p99_5")
 
 # A SuperNode's --node-config: a deployed site names itself and its folders, a simulated node has a partition id.
 NODE_SITE_ID = "site-id"
@@ -116,8 +107,6 @@ STATUS_FILE = "status.json"  # the live round status the server's metrics endpoi
 PLAN_FILE = "plan.json"  # the plan derived from the sites' fingerprints, next to RESULTS_FILE
 
 
-class ProtocolError(ValueError):
-    """A message lacks a key or carries a malformed value."""
 
 
 @dataclass(frozen=True)
@@ -212,11 +201,11 @@ class RoundConfig:
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RoundConfig:
         """Read a ConfigRecord; a missing key takes the default above, a malformed one is an error."""
-        train = TrainSettings(**_read_fields(TrainSettings, _TRAIN_KEYS, record))
-        values = _read_fields(cls, _ROUND_KEYS, record)
-        values["model_spec"] = _read_json(record, MODEL, required=True)
-        values["policy_overrides"] = _read_json(record, POLICY_OVERRIDES, required=False)
-        sites = _checked(record, SIM_SITES, str) if SIM_SITES in record else ""
+        train = TrainSettings(**read_fields(TrainSettings, _TRAIN_KEYS, record))
+        values = read_fields(cls, _ROUND_KEYS, record)
+        values["model_spec"] = read_json(record, MODEL, required=True)
+        values["policy_overrides"] = read_json(record, POLICY_OVERRIDES, required=False)
+        sites = checked(record, SIM_SITES, str) if SIM_SITES in record else ""
         return cls(**values, train=train, sim_sites=tuple(s for s in sites.split(",") if s))
 
 
@@ -236,42 +225,6 @@ _TRAIN_KEYS = {
 }
 
 
-def _checked(record: Mapping[str, Any], key: str, kind: type) -> Any:
-    value = record[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ProtocolError(f"message key {key!r}: expected {kind.__name__}, got {value!r}")
-    return value
-
-
-def _read_fields(cls: type, keys: Mapping[str, str], record: Mapping[str, Any]) -> dict[str, Any]:
-    """The scalar fields of ``cls`` present in ``record``; absent required ones are an error."""
-    hints = typing.get_type_hints(cls)
-    required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-    values = {}
-    for key, attr in keys.items():
-        if key in record:
-            values[attr] = _checked(record, key, hints[attr])
-        elif attr in required:
-            raise ProtocolError(f"message is missing key {key!r}")
-    return values
-
-
-def _read_json(record: Mapping[str, Any], key: str, required: bool) -> dict[str, Any]:
-    if key not in record:
-        if required:
-            raise ProtocolError(f"message is missing key {key!r}")
-        return {}
-    try:
-        value = json.loads(_checked(record, key, str))
-    except json.JSONDecodeError as exc:
-        raise ProtocolError(f"message key {key!r} is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise ProtocolError(f"message key {key!r}: expected a JSON object, got {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class SiteInfo:
     """A site's answer to the query: who it is and how much data it has (never a tensor)."""
@@ -286,7 +239,7 @@ class SiteInfo:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> SiteInfo:
-        return cls(**_read_fields(cls, _SITE_KEYS, record))
+        return cls(**read_fields(cls, _SITE_KEYS, record))
 
 
 _SITE_KEYS = {SITE_ID: "site_id", N_TRAIN: "n_train", N_TEST: "n_test", N_REJECTED: "n_rejected"}
@@ -307,7 +260,7 @@ class TrainMetrics:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> TrainMetrics:
-        return cls(**_read_fields(cls, _TRAIN_METRIC_KEYS, record))
+        return cls(**read_fields(cls, _TRAIN_METRIC_KEYS, record))
 
 
 _TRAIN_METRIC_KEYS = {NUM_EXAMPLES: "num_examples", LOSS: "loss", TRAIN_SECONDS: "train_seconds", SAMPLES_PER_SECOND: "samples_per_second"}
@@ -332,7 +285,7 @@ class EvalMetrics:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> EvalMetrics:
-        values = _read_fields(cls, _EVAL_SCALAR_KEYS, record)
+        values = read_fields(cls, _EVAL_SCALAR_KEYS, record)
         lists = {attr: tuple(float(v) for v in record.get(key, [])) for key, attr in _EVAL_LIST_KEYS.items()}
         flat, width = [float(v) for v in record.get(DICE_PER_CASE, [])], len(lists["dice_per_class"])
         if flat and (not width or len(flat) % width):
@@ -349,79 +302,3 @@ class EvalMetrics:
 
 _EVAL_SCALAR_KEYS = {NUM_EXAMPLES: "num_examples", DICE: "dice", HD95: "hd95", EVAL_SECONDS: "eval_seconds"}
 _EVAL_LIST_KEYS = {DICE_PER_CLASS: "dice_per_class", HD95_PER_CLASS: "hd95_per_class"}
-
-
-@dataclass(frozen=True)
-class IntensityStats:
-    """Summary of a site's image intensities (raw, before z-scoring)."""
-
-    mean: float
-    std: float
-    p00_5: float
-    p50: float
-    p99_5: float
-
-    def to_list(self) -> list[float]:
-        return [float(getattr(self, name)) for name in INTENSITY_STATISTICS]
-
-    @classmethod
-    def from_list(cls, values: list[float]) -> IntensityStats:
-        if len(values) != len(INTENSITY_STATISTICS):
-            raise ProtocolError(f"intensity statistics: expected {len(INTENSITY_STATISTICS)} values, got {len(values)}")
-        return cls(*(float(v) for v in values))
-
-
-@dataclass(frozen=True)
-class SiteFingerprint:
-    """What a planner may know of a site's data: counts, shapes, spacing, classes, intensities.
-
-    Shapes and spacing are per spatial axis; ``class_fractions[i]`` is the share of all
-    voxels labelled ``classes[i]``. Aggregates only: no image, label or per-case value.
-    """
-
-    site_id: str
-    num_cases: int
-    num_train: int
-    spatial_dims: int
-    shape_median: tuple[int, ...]
-    shape_min: tuple[int, ...]
-    shape_max: tuple[int, ...]
-    spacing: tuple[float, ...]
-    classes: tuple[int, ...]
-    class_fractions: tuple[float, ...]
-    intensity: IntensityStats
-    intensity_foreground: IntensityStats
-
-    def to_record(self) -> dict[str, Any]:
-        record: dict[str, Any] = {SITE_ID: self.site_id, FP_NUM_CASES: self.num_cases, FP_NUM_TRAIN: self.num_train,
-                                  FP_SPATIAL_DIMS: self.spatial_dims, FP_INTENSITY: self.intensity.to_list(),
-                                  FP_INTENSITY_FOREGROUND: self.intensity_foreground.to_list()}
-        for key, (attr, kind) in _FP_LISTS.items():
-            record[key] = [kind(v) for v in getattr(self, attr)]
-        return record
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> SiteFingerprint:
-        values = _read_fields(cls, _FP_SCALARS, record)
-        for key, (attr, kind) in _FP_LISTS.items():
-            values[attr] = tuple(_checked_list(record, key, kind))
-        values["intensity"] = IntensityStats.from_list(_checked_list(record, FP_INTENSITY, float))
-        values["intensity_foreground"] = IntensityStats.from_list(_checked_list(record, FP_INTENSITY_FOREGROUND, float))
-        return cls(**values)
-
-
-_FP_SCALARS = {SITE_ID: "site_id", FP_NUM_CASES: "num_cases", FP_NUM_TRAIN: "num_train", FP_SPATIAL_DIMS: "spatial_dims"}
-_FP_LISTS = {
-    FP_SHAPE_MEDIAN: ("shape_median", int), FP_SHAPE_MIN: ("shape_min", int), FP_SHAPE_MAX: ("shape_max", int),
-    FP_SPACING: ("spacing", float), FP_CLASSES: ("classes", int), FP_CLASS_FRACTIONS: ("class_fractions", float),
-}
-
-
-def _checked_list(record: Mapping[str, Any], key: str, kind: type) -> list[Any]:
-    """A list of ``kind`` (ints accepted as floats); a missing key or another type is an error."""
-    if key not in record:
-        raise ProtocolError(f"message is missing key {key!r}")
-    values = record[key]
-    if not isinstance(values, list | tuple):
-        raise ProtocolError(f"message key {key!r}: expected a list, got {values!r}")
-    return [_checked({key: v}, key, kind) for v in values]
