@@ -226,10 +226,10 @@ def prepare_dataset(
     src, out = Path(src), Path(out)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    found = detect_layout(src)
-    if layout != "auto" and layout != found:
-        raise DataError(f"{src}: --layout {layout} but the site folders are in the {found} layout")
-    layout = found
+    detected = detect_layout(src)
+    if layout != "auto" and layout != detected:
+        raise DataError(f"{src}: --layout {layout} but the site folders are in the {detected} layout")
+    layout = detected
     if spacing is not None:
         spacing = tuple(float(s) for s in spacing)
         if len(spacing) not in (2, 3) or min(spacing) <= 0:
