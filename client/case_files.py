@@ -32,10 +32,15 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Rejected:
-    """A case the site cannot use, and why (one line naming its files)."""
+    """A case the site cannot use, and why (one line naming its files).
+
+    ``misfit``: its files are sound but its channels or dims differ from the
+    site's other cases (a missing modality), so a converter can skip it alone.
+    """
 
     case: str
     reason: str
+    misfit: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,19 +138,19 @@ def group_images(entries: list[tuple[str, Path]], label_names: set[str]) -> dict
     return groups
 
 
-def pair_site(site_dir: Path) -> tuple[list[CaseFiles], list[Rejected]]:
+def pair_site(site_dir: Path, images: str = "images", labels: str = "labels") -> tuple[list[CaseFiles], list[Rejected]]:
     """Every case of a site by name, and the cases whose files do not pair up (reasons name the files)."""
-    images_dir, labels_dir = _check_folders(site_dir, "images", "labels")
+    images_dir, labels_dir = _check_folders(site_dir, images, labels)
     image_entries, label_entries = _entries(images_dir), _entries(labels_dir)
     if not image_entries:
         raise DataError(f"{site_dir}: empty site (no {'/'.join(SUFFIXES)} files in {images_dir})")
-    labels: dict[str, list[Path]] = {}
+    by_label: dict[str, list[Path]] = {}
     for stem, path in label_entries:
-        labels.setdefault(stem, []).append(path)
-    groups = group_images(image_entries, set(labels))
+        by_label.setdefault(stem, []).append(path)
+    groups = group_images(image_entries, set(by_label))
     cases, rejected = [], []
-    for case in sorted(set(groups) | set(labels)):
-        files, reason = _case_files(case, groups.get(case, {}), labels.get(case, []), images_dir, labels_dir)
+    for case in sorted(set(groups) | set(by_label)):
+        files, reason = _case_files(case, groups.get(case, {}), by_label.get(case, []), images_dir, labels_dir)
         if reason is None:
             cases.append(files)
         else:
@@ -237,13 +242,18 @@ def _most_common(values: list[int]) -> int:
     return max(counts, key=lambda v: (counts[v], v))
 
 
-def discover_site(site_dir: str | Path) -> SiteFiles:
-    """The cases of a site that can be read, the rejected ones, and their shared channel count and dims."""
+def discover_site(site_dir: str | Path, images: str = "images", labels: str = "labels", confine: bool = True) -> SiteFiles:
+    """The cases of a site that can be read, the rejected ones, and their shared channel count and dims.
+
+    ``images``/``labels``: the sub-folder names (MSD/nnU-Net: ``imagesTr``/``labelsTr``).
+    ``confine``: reject symlinks leading out of the site folder (what training reads);
+    a converter that only reads its sources may follow them.
+    """
     site_dir = Path(site_dir)
     if not site_dir.is_dir():
         raise DataError(f"{site_dir}: site folder does not exist")
-    pairs, rejected = pair_site(site_dir)
-    root = site_dir.resolve()
+    pairs, rejected = pair_site(site_dir, images, labels)
+    root = site_dir.resolve() if confine else None
     geometry: dict[str, tuple[int, int]] = {}
     for files in pairs:
         try:
@@ -259,7 +269,7 @@ def discover_site(site_dir: str | Path) -> SiteFiles:
     for files in usable:
         reason = _odd_case(files, geometry[files.name], channels, dims)
         if reason:
-            rejected.append(Rejected(files.name, reason))
+            rejected.append(Rejected(files.name, reason, misfit=True))
         else:
             kept.append(files)
     return SiteFiles(tuple(kept), tuple(sorted(rejected, key=lambda r: r.case)), channels, dims)

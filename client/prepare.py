@@ -2,30 +2,38 @@
 
 Two layouts, one folder per site under ``SRC``:
 
-* ``folder``: the foundation layout itself, ``SRC/<site>/images|labels/<case>.nii.gz``.
+* ``folder``: the foundation layout itself, ``SRC/<site>/images|labels/<case>.nii.gz``
+  (or one image file per modality, ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ...).
   Without a target spacing it is validated in place (every file read by
   ``client.data``, labels checked, at least one foreground class) and ``SRC`` is
   returned: nothing is copied. With ``spacing`` it is resampled like ``msd``.
 * ``msd``: Medical Segmentation Decathlon / nnU-Net style,
-  ``SRC/<site>/imagesTr/<case>_0000.nii.gz`` (or ``<case>.nii.gz``) and
+  ``SRC/<site>/imagesTr/<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... (or one
+  ``<case>.nii.gz``, 4D for several modalities: channels in the last axis) and
   ``SRC/<site>/labelsTr/<case>.nii.gz``. Every case is reoriented to RAS
   (MONAI ``Orientation``) and resampled to one target spacing (MONAI ``Spacing``:
-  bilinear for images, nearest for labels), given or the per-axis median over all
-  cases of all sites, and written to ``OUT/<site>/images|labels/<case>.nii.gz``
-  with its new affine, plus ``OUT/dataset.json``. Intensity normalization per
-  image stays with ``client.data`` (z-score when a site is loaded).
+  bilinear for every modality, nearest for labels), given or the per-axis median
+  over all cases of all sites, and written with its new affine to
+  ``OUT/<site>/images/<case>.nii.gz`` (one channel) or ``<case>_0000.nii.gz``,
+  ``<case>_0001.nii.gz``, ... (one file per modality), ``OUT/<site>/labels/<case>.nii.gz``,
+  plus ``OUT/dataset.json`` (``in_channels``, ``spacing``, the cases, the rejected
+  ones). Intensity normalization per image stays with ``client.data`` (z-score per
+  channel when a site is loaded).
 
+Cases are found by the rules ``client.case_files`` reads a site with. A case that
+lacks a modality the site's other cases have is rejected with one line naming it
+and the modality, and the others are prepared; any other problem with a file is a
+:class:`client.data.DataError` naming it, and all sites must share dims and channels.
 The output is a cache: ``dataset.json`` records the parameters and the size and
-mtime of every source file, and a second call with unchanged inputs rewrites
-nothing. Every error is a :class:`client.data.DataError` naming the file.
+mtime of every source file, and a second call with unchanged inputs rewrites nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,13 +42,13 @@ import nibabel as nib
 import numpy as np
 from monai.utils import convert_to_numpy
 
-from .case_files import CaseFiles, case_geometry
+from .case_files import CaseFiles, SiteFiles, discover_site, read_header
 from .case_read import load_checked
-from .data import DataError, infer_num_classes, list_sites, load_all, pair_cases
+from .data import DataError, infer_num_classes, list_sites, load_all, resolve_in_channels
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ``in_channels``, one image file per modality, ``rejected``
 LAYOUTS = ("auto", "folder", "msd")
-_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+log = logging.getLogger("fedsite.prepare")
 
 
 # ---------------------------------------------------------------- discovery
@@ -70,19 +78,26 @@ def detect_layout(src: str | Path) -> str:
     return next(iter(kinds.values()))
 
 
-def msd_pairs(site_dir: str | Path) -> list[tuple[str, Path, Path]]:
-    """(case, image, label) of one MSD/nnU-Net style site (``imagesTr/case_0000``, ``labelsTr/case``), sorted."""
-    return pair_cases(Path(site_dir), "imagesTr", "labelsTr", case_of=_nnunet_case)
+def source_site(site_dir: str | Path, layout: str) -> SiteFiles:
+    """The cases of one source site, by the rules ``client.data`` reads a site with.
+
+    A file problem (no label, a duplicate, image and label on different grids, an
+    unreadable header) is a DataError naming the file: a conversion should not
+    silently drop an export error. A sound case that lacks a modality the site's
+    other cases have (or is 2D among 3D) is listed as rejected and the rest is
+    prepared.
+    """
+    folders = ("imagesTr", "labelsTr") if layout == "msd" else ("images", "labels")
+    found = discover_site(site_dir, *folders, confine=False)  # only read here; the output holds real files
+    fatal = [r for r in found.rejected if not r.misfit]
+    if fatal:
+        raise DataError(fatal[0].reason)
+    return found
 
 
-def _nnunet_case(stem: str, path: Path) -> str:
-    """``case_0000`` -> ``case``; other channels are refused (single-channel sites only)."""
-    m = _CHANNEL.match(stem)
-    if m is None:
-        return stem
-    if m.group("channel") != "0000":
-        raise DataError(f"{path}: extra input channel {m.group('channel')} (only single-channel _0000 images are supported)")
-    return m.group("case")
+def output_names(case: str, channels: int) -> list[str]:
+    """Image file names of a prepared case: ``<case>.nii.gz``, or ``<case>_0000.nii.gz``, ... per modality."""
+    return [f"{case}.nii.gz"] if channels == 1 else [f"{case}_{c:04d}.nii.gz" for c in range(channels)]
 
 
 # ---------------------------------------------------------------- geometry
@@ -100,54 +115,46 @@ def _ras_spacing(affine: np.ndarray, dims: int) -> np.ndarray:
     return out
 
 
-def _header_geometry(path: Path) -> tuple[int, np.ndarray]:
-    """(spatial dims, RAS spacing) from the header only."""
-    try:
-        img = nib.load(path)
-    except Exception as exc:
-        raise DataError(f"{path}: unreadable image header ({type(exc).__name__}: {exc})") from exc
-    shape = img.shape[:3]
-    dims = 2 if len(shape) == 2 or (len(shape) == 3 and shape[2] == 1) else 3
-    return dims, _ras_spacing(img.affine, dims)
+def shared_geometry(sites: dict[str, SiteFiles]) -> tuple[int, int, tuple[float, ...]]:
+    """(spatial dims, image channels, per-axis median RAS spacing) that every site shares; DataError naming a site that differs."""
+    dims = {s: f.spatial_dims for s, f in sites.items()}
+    first = next(iter(dims))
+    odd = next((s for s, d in dims.items() if d != dims[first]), None)
+    if odd is not None:
+        raise DataError(f"sites mix {dims[first]}D ({first}) and {dims[odd]}D ({odd}) images")
+    channels = resolve_in_channels({}, {s: f.in_channels for s, f in sites.items()})
+    spacings = [_ras_spacing(read_header(c.images[0], "image").affine, dims[first]) for f in sites.values() for c in f.cases]
+    return dims[first], channels, tuple(float(v) for v in np.median(np.stack(spacings), axis=0))
 
 
-def median_spacing(pairs: Sequence[tuple[str, Path, Path]]) -> tuple[int, tuple[float, ...]]:
-    """Spatial dims shared by every image and the per-axis median of their RAS spacing."""
-    dims_seen: dict[int, Path] = {}
-    spacings = []
-    for _, image, _ in pairs:
-        dims, spacing = _header_geometry(image)
-        dims_seen.setdefault(dims, image)
-        spacings.append(spacing)
-    if len(dims_seen) > 1:
-        raise DataError(f"mixes 2D and 3D images: {dims_seen[2]} is 2D, {dims_seen[3]} is 3D")
-    (dims,) = dims_seen
-    return dims, tuple(float(v) for v in np.median(np.stack(spacings), axis=0))
-
-
-def resample_case(image_path: Path, label_path: Path, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image float32 (*S), label int64 (*S), affine 4x4) in RAS at ``spacing``; checks the pair."""
-    files = CaseFiles(label_path.name, (image_path,), label_path)
-    channels, dims = case_geometry(files)  # shapes and affines agree (DataError names both files)
-    if channels != 1:
-        raise DataError(f"{image_path}: image has {channels} channels, expected 1")
-    if len(spacing) < dims:
-        raise DataError(f"{image_path}: {dims}D image but target spacing {tuple(spacing)} has {len(spacing)} values")
+def resample_case(files: CaseFiles, dims: int, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image float32 (C, *S), label int64 (*S), affine 4x4) in RAS at ``spacing``, every modality alike; values checked."""
     image, label, meta = load_checked(files, dims, orientation="RAS", spacing=spacing)
-    return image[0], label[0], convert_to_numpy(meta.affine, dtype=np.float64)
+    return image, label[0], convert_to_numpy(meta.affine, dtype=np.float64)
 
 
 # ---------------------------------------------------------------- cache
 
 
-def _fingerprint(pairs_by_site: dict[str, list[tuple[str, Path, Path]]]) -> list[list]:
+def _fingerprint(sites: dict[str, SiteFiles]) -> list[list]:
     out = []
-    for site, pairs in pairs_by_site.items():
-        for case, image, label in pairs:
-            for path in (image, label):
+    for site, found in sites.items():
+        for files in found.cases:
+            for path in (*files.images, files.label):
                 st = path.stat()
-                out.append([site, case, path.name, st.st_size, st.st_mtime_ns])
+                out.append([site, files.name, path.name, st.st_size, st.st_mtime_ns])
     return out
+
+
+def _written(out: Path, params: dict) -> list[Path]:
+    """Every case file a ``dataset.json`` says was written (format 1 had no ``in_channels``: one channel)."""
+    channels = int(params.get("in_channels", 1))
+    return [
+        path
+        for site, cases in params["cases"].items()
+        for case in cases
+        for path in (*(out / site / "images" / n for n in output_names(case, channels)), out / site / "labels" / f"{case}.nii.gz")
+    ]
 
 
 def _is_current(out: Path, params: dict) -> bool:
@@ -157,22 +164,18 @@ def _is_current(out: Path, params: dict) -> bool:
         return False
     if not isinstance(old, dict) or {k: v for k, v in old.items() if k != "num_classes"} != params:  # num_classes: an output
         return False
-    return all(
-        (out / site / kind / f"{case}.nii.gz").is_file() for site, cases in params["cases"].items() for case in cases for kind in ("images", "labels")
-    )
+    return all(path.is_file() for path in _written(out, params))
 
 
 def _clear_old(out: Path) -> None:
     """Remove the case files a previous call wrote (only those its dataset.json lists)."""
     try:
         old = json.loads((out / "dataset.json").read_text())
-        cases = old["cases"] if old.get("format") == "fedsite-prepared" else {}
-    except (OSError, ValueError, KeyError, AttributeError):
+        paths = _written(out, old) if old.get("format") == "fedsite-prepared" else []
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
         return
-    for site, names in cases.items():
-        for case in names:
-            for kind in ("images", "labels"):
-                (out / site / kind / f"{case}.nii.gz").unlink(missing_ok=True)
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def _save(array: np.ndarray, affine: np.ndarray, dtype, path: Path) -> None:
@@ -223,10 +226,10 @@ def prepare_dataset(
     src, out = Path(src), Path(out)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    found = detect_layout(src)
-    if layout != "auto" and layout != found:
-        raise DataError(f"{src}: --layout {layout} but the site folders are in the {found} layout")
-    layout = found
+    detected = detect_layout(src)
+    if layout != "auto" and layout != detected:
+        raise DataError(f"{src}: --layout {layout} but the site folders are in the {detected} layout")
+    layout = detected
     if spacing is not None:
         spacing = tuple(float(s) for s in spacing)
         if len(spacing) not in (2, 3) or min(spacing) <= 0:
@@ -236,27 +239,31 @@ def prepare_dataset(
         _validate_folder(src, all_sites)
         return src.resolve()
     _check_out(src, out, all_sites)
-    pairs_by_site = {s: (pair_cases(src / s) if layout == "folder" else msd_pairs(src / s)) for s in all_sites}
-    all_pairs = [p for pairs in pairs_by_site.values() for p in pairs]
-    dims, median = median_spacing(all_pairs)
-    target = tuple(spacing[:dims]) if spacing is not None else median
+    found = {s: source_site(src / s, layout) for s in all_sites}
+    dims, channels, median = shared_geometry(found)
     if spacing is not None and len(spacing) < dims:
         raise DataError(f"{src}: images are {dims}D but spacing {spacing} has {len(spacing)} values")
+    target = tuple(spacing[:dims]) if spacing is not None else median
     params = {
         "format": "fedsite-prepared",
         "version": FORMAT_VERSION,
         "layout": layout,
         "src": str(src.resolve()),
         "spatial_dims": dims,
+        "in_channels": channels,
         "spacing": [float(v) for v in target],
         "spacing_from": "given" if spacing is not None else "median",
         "orientation": "RAS",
         "sites": all_sites,
-        "cases": {s: [c for c, _, _ in pairs] for s, pairs in pairs_by_site.items()},
-        "source_files": _fingerprint(pairs_by_site),
+        "cases": {s: [c.name for c in f.cases] for s, f in found.items()},
+        "rejected": {s: [{"case": r.case, "reason": r.reason} for r in f.rejected] for s, f in found.items() if f.rejected},
+        "source_files": _fingerprint(found),
     }
+    for site, f in found.items():
+        for r in f.rejected:
+            log.warning("site %s: rejected case %s: %s", site, r.case, r.reason)
     if not _is_current(out, params):
-        write_prepared(src, out, pairs_by_site, target, params)
+        write_prepared(src, out, found, target, params)
     return out
 
 
@@ -271,20 +278,21 @@ def _selected_sites(src: Path, layout: str, sites: Sequence[str] | None) -> list
     return list(sites)
 
 
-def write_prepared(src: Path, out: Path, pairs_by_site: dict, target: tuple[float, ...], params: dict) -> None:
+def write_prepared(src: Path, out: Path, sites: dict[str, SiteFiles], target: tuple[float, ...], params: dict) -> None:
     """Resample every case to RAS at ``target`` spacing; ``dataset.json`` last, once the set is complete."""
     _clear_old(out)
     (out / "dataset.json").unlink(missing_ok=True)  # no marker until the new set is complete
     top = 0
-    for site, pairs in pairs_by_site.items():
+    for site, found in sites.items():
         for kind in ("images", "labels"):
             (out / site / kind).mkdir(parents=True, exist_ok=True)
-        for case, image_path, label_path in pairs:
-            image, label, affine = resample_case(image_path, label_path, target)
+        for files in found.cases:
+            image, label, affine = resample_case(files, found.spatial_dims, target)
             top = max(top, int(label.max()))
             label_dtype = np.uint8 if label.max() < 256 else np.int32
-            _save(image, affine, np.float32, out / site / "images" / f"{case}.nii.gz")
-            _save(label, affine, label_dtype, out / site / "labels" / f"{case}.nii.gz")
+            for channel, name in zip(image, output_names(files.name, len(image)), strict=True):
+                _save(channel, affine, np.float32, out / site / "images" / name)
+            _save(label, affine, label_dtype, out / site / "labels" / f"{files.name}.nii.gz")
     if top < 1:
         raise DataError(f"{src}: no foreground label in any label file (max label {top})")
     params["num_classes"] = top + 1
@@ -328,8 +336,11 @@ def run(args: argparse.Namespace) -> int:
         info = json.loads((root / "dataset.json").read_text())
     if info:
         counts = ", ".join(f"{s} ({len(c)})" for s, c in info["cases"].items())
+        for site, rejected in info.get("rejected", {}).items():
+            for r in rejected:
+                print(f"fedsite prepare-data: site {site}: rejected case {r['case']}: {r['reason']}", file=sys.stderr)
         print(f"fedsite prepare-data: {info['layout']} -> {root}: {counts}; spacing {tuple(info['spacing'])} mm ({info['spacing_from']}), RAS, "
-              f"{info['num_classes']} classes")
+              f"{info.get('in_channels', 1)} channel(s), {info['num_classes']} classes")
     else:
         print(f"fedsite prepare-data: {root} is already in the foundation layout (validated, used in place)")
     print(f"use it with: fedsite simulate --data {root}")

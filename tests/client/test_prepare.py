@@ -1,4 +1,4 @@
-"""client.prepare: foundation-layout pass-through and MSD/nnU-Net conversion (RAS, common spacing)."""
+"""client.prepare: foundation-layout pass-through and MSD/nnU-Net conversion (RAS, common spacing, one file per modality)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from client.case_files import discover_site
 from client.data import DataError, load_site
+from client.prepare import detect_layout, prepare_dataset, prepared_geometry
 from simulations.cli import main
-from client.prepare import detect_layout, prepare_dataset
 from simulations.domain_shift import DEFAULT_PROFILES, generate_dataset
 
 RAS_3MM_Z = np.diag([1.0, 1.0, 3.0, 1.0])  # thick slices
@@ -127,7 +128,7 @@ def test_bad_inputs_are_named(tmp_path):
     src = make_msd(tmp_path / "src")
     extra = src / "site-a" / "imagesTr" / "case0_0001.nii.gz"
     _write(extra, np.zeros((16, 14, 6), np.float32), RAS_3MM_Z)
-    with pytest.raises(DataError, match=f"{extra}.*single-channel"):
+    with pytest.raises(DataError, match="site site-b has 1 image channels but site site-a has 2"):  # a tie goes to more channels
         prepare_dataset(src, tmp_path / "out")
     extra.unlink()
 
@@ -165,3 +166,113 @@ def test_cli(tmp_path, capsys):
     np.testing.assert_allclose(nib.load(tmp_path / "out" / "site-a" / "images" / "case0.nii.gz").header.get_zooms(), (1, 1, 1.5))
     assert main(["prepare-data", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 2
     assert "nope: source folder does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- several modalities
+
+SITES = (("site-a", RAS_3MM_Z, (16, 14, 6)), ("site-b", LPS_ISO, (12, 12, 10)))
+
+
+def make_msd_modalities(root, *, form="files", n_cases=2):
+    """The cases of ``make_msd`` with a second modality, the negated first: ``_0000``/``_0001`` files or one 4D file."""
+    for site, affine, shape in SITES:
+        for i in range(n_cases):
+            image, label = _case(shape, i)
+            if form == "files":
+                _write(root / site / "imagesTr" / f"case{i}_0000.nii.gz", image, affine)
+                _write(root / site / "imagesTr" / f"case{i}_0001.nii.gz", -image, affine)
+            else:
+                _write(root / site / "imagesTr" / f"case{i}.nii.gz", np.stack([image, -image], axis=-1), affine)  # (X, Y, Z, C)
+            _write(root / site / "labelsTr" / f"case{i}.nii.gz", label, affine)
+    return root
+
+
+def _arrays(out, site, case):
+    """(modality arrays, label array) of one prepared case."""
+    images = sorted((out / site / "images").glob(f"{case}_*.nii.gz"))
+    return [np.asarray(nib.load(p).dataobj) for p in images], np.asarray(nib.load(out / site / "labels" / f"{case}.nii.gz").dataobj)
+
+
+def test_msd_two_modalities_are_resampled_alike(tmp_path):
+    src = make_msd_modalities(tmp_path / "src")
+    out = prepare_dataset(src, tmp_path / "out", spacing=(1.0, 1.0, 1.5))
+    single = prepare_dataset(make_msd(tmp_path / "one"), tmp_path / "one-out", spacing=(1.0, 1.0, 1.5))
+    for site, _, _ in SITES:
+        assert sorted(p.name for p in (out / site / "images").iterdir()) == [f"case{i}_{c:04d}.nii.gz" for i in range(2) for c in range(2)]
+        for i in range(2):
+            for c in range(2):
+                img = nib.load(out / site / "images" / f"case{i}_{c:04d}.nii.gz")
+                lab = nib.load(out / site / "labels" / f"case{i}.nii.gz")
+                assert nib.aff2axcodes(img.affine) == ("R", "A", "S") and np.allclose(img.affine, lab.affine)
+                np.testing.assert_allclose(img.header.get_zooms(), (1.0, 1.0, 1.5))
+            (m0, m1), label = _arrays(out, site, f"case{i}")
+            reference = np.asarray(nib.load(single / site / "images" / f"case{i}.nii.gz").dataobj)
+            np.testing.assert_allclose(m0, reference)  # modality 0: what a single-channel site gets
+            np.testing.assert_allclose(m1, -m0)  # modality 1 through the same (linear) resampling
+            np.testing.assert_array_equal(label, np.asarray(nib.load(single / site / "labels" / f"case{i}.nii.gz").dataobj))
+    params = json.loads((out / "dataset.json").read_text())
+    assert params["in_channels"] == 2 and params["num_classes"] == 3 and params["cases"]["site-a"] == ["case0", "case1"]
+    found = discover_site(out / "site-a")  # the layout client.data reads
+    assert found.in_channels == 2 and not found.rejected
+    raw = load_site(out / "site-b", intensity="none")
+    assert raw.in_channels == 2 and raw.n_rejected == 0
+    for case in raw.train + raw.test:
+        assert case.image.shape[0] == 2 and case.image[0].min() > 0  # channel order kept: modality 0 is the positive one
+        np.testing.assert_allclose(case.image[1], -case.image[0])
+    zscored = load_site(out / "site-b")
+    np.testing.assert_allclose(zscored.train[0].image[1], -zscored.train[0].image[0], atol=1e-5)
+    assert prepared_geometry(out / "site-a") == ("RAS", (1.0, 1.0, 1.5))
+
+
+def test_msd_4d_file_per_case_matches_per_modality_files(tmp_path):
+    files = prepare_dataset(make_msd_modalities(tmp_path / "files"), tmp_path / "files-out", spacing=(1.0, 1.0, 1.5))
+    four_d = prepare_dataset(make_msd_modalities(tmp_path / "4d", form="4d"), tmp_path / "4d-out", spacing=(1.0, 1.0, 1.5))
+    assert json.loads((four_d / "dataset.json").read_text())["in_channels"] == 2
+    for site, _, _ in SITES:
+        for i in range(2):
+            (a0, a1), label_a = _arrays(files, site, f"case{i}")
+            (b0, b1), label_b = _arrays(four_d, site, f"case{i}")
+            np.testing.assert_allclose(b0, a0)
+            np.testing.assert_allclose(b1, a1)
+            np.testing.assert_array_equal(label_b, label_a)
+    assert load_site(four_d / "site-a").in_channels == 2
+
+
+def test_case_missing_a_modality_is_rejected_by_name(tmp_path, capsys):
+    src = make_msd_modalities(tmp_path / "src", n_cases=3)
+    (src / "site-a" / "imagesTr" / "case1_0001.nii.gz").unlink()
+    out = tmp_path / "out"
+    assert main(["prepare-data", "--src", str(src), "--out", str(out), "--spacing", "1", "1", "1.5"]) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if "case1" in line]
+    assert len(lines) == 1 and "site site-a" in lines[0] and "'case1'" in lines[0] and "_0001" in lines[0], captured.err
+    assert "site-a (2), site-b (3)" in captured.out and "2 channel(s)" in captured.out
+    assert sorted(p.name for p in (out / "site-a" / "labels").iterdir()) == ["case0.nii.gz", "case2.nii.gz"]
+    assert not list((out / "site-a" / "images").glob("case1*"))
+    assert len(list((out / "site-b" / "images").glob("case1_*"))) == 2  # the same name at another site is fine
+    params = json.loads((out / "dataset.json").read_text())
+    assert params["cases"]["site-a"] == ["case0", "case2"]
+    assert [r["case"] for r in params["rejected"]["site-a"]] == ["case1"] and "site-b" not in params["rejected"]
+    assert load_site(out / "site-a").in_channels == 2
+
+
+def test_folder_layout_modalities_resampled_and_cached(tmp_path):
+    src = tmp_path / "src"
+    for i in range(2):
+        image, label = _case((16, 14, 6), i)
+        for c, values in enumerate((image, 2 * image)):
+            _write(src / "x" / "images" / f"c{i}_{c:04d}.nii.gz", values, RAS_3MM_Z)
+        _write(src / "x" / "labels" / f"c{i}.nii.gz", label, RAS_3MM_Z)
+    assert prepare_dataset(src, tmp_path / "unused") == src.resolve()  # validated in place
+    out = prepare_dataset(src, tmp_path / "out", spacing=(1.0, 1.0, 1.0))
+    (m0, m1), _ = _arrays(out, "x", "c0")
+    assert m0.shape == (16, 14, 16)
+    np.testing.assert_allclose(m1, 2 * m0, rtol=1e-6)
+    files = sorted(out.rglob("*.nii.gz"))
+    assert len(files) == 6
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert prepare_dataset(src, out, spacing=(1.0, 1.0, 1.0)) == out
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # unchanged inputs: nothing rewritten
+    (out / "x" / "images" / "c1_0001.nii.gz").unlink()  # an output file lost: rewritten
+    prepare_dataset(src, out, spacing=(1.0, 1.0, 1.0))
+    assert (out / "x" / "images" / "c1_0001.nii.gz").is_file()
