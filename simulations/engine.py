@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from flwr.supercore.telemetry import EventType  # noqa: E402
 from client.app import app as client_app  # noqa: E402
 from shared_models.protocol import FEDERATION_FILE  # noqa: E402
 from server.app import app as server_app  # noqa: E402
+
+from . import interrupt  # noqa: E402
 
 
 def quiet_flower(verbose: bool) -> None:
@@ -54,6 +57,7 @@ def run_simulated_federation(
         "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         "init_args": {"num_cpus": total_cpus, "num_gpus": _gpu_count() if num_gpus > 0 else 0, "include_dashboard": False},
     }
+    start_ray(backend_config["init_args"])
     out_file = Path(run_config["out-dir"]) / FEDERATION_FILE
     out_file.unlink(missing_ok=True)
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
@@ -69,6 +73,22 @@ def run_simulated_federation(
     if not out_file.exists():
         raise RuntimeError(f"the federation did not finish (no {out_file}); see the log above")
     return json.loads(out_file.read_text())
+
+
+def start_ray(init_args: dict[str, Any]) -> None:
+    """Start Ray on the main thread, as Flower's backend would on its engine thread (same init arguments,
+    ``PYTHONPATH`` for the workers), so that our SIGTERM/SIGINT handler can be put back after Ray's core
+    worker installs its own: a stopped run then says how to resume and leaves no Ray process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    interrupt.reassert()
 
 
 def _gpu_count() -> int:

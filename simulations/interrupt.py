@@ -5,21 +5,24 @@ on Ray; a KeyboardInterrupt in the main thread waits on that thread forever. A
 stopped experiment loses nothing: every finished cell has its record and an
 interrupted one its per-round checkpoints, so the same command continues.
 
-Once Ray has started, its driver takes SIGTERM over (it exits within seconds
-and its processes follow); the handler here then covers Ctrl-C and a SIGTERM
-that arrives before or between federations.
+Once Ray has started, its driver takes SIGTERM over: its handler raises
+``SystemExit(15)`` in the main thread. :func:`guard` turns that into the same
+stop as ours (hint, bounded Ray shutdown, exit 128 + 15); the installed handler
+covers Ctrl-C and a SIGTERM that arrives before or between federations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 SHUTDOWN_TIMEOUT_S = 10.0
+_ACTIVE: list[Callable[[int, FrameType | None], None]] = []  # the handlers installed, innermost last
 
 
 def _stop_ray() -> None:
@@ -32,22 +35,50 @@ def _stop_ray() -> None:
         pass
 
 
+def stop(signum: int, resume_hint: str) -> None:
+    """Say how to resume, shut Ray down (bounded) and exit 128 + ``signum``."""
+    print(f"\nfedsite simulate: stopped by signal {signum}; {resume_hint}", file=sys.stderr, flush=True)
+    stopper = threading.Thread(target=_stop_ray, daemon=True)
+    stopper.start()
+    stopper.join(SHUTDOWN_TIMEOUT_S)
+    os._exit(128 + signum)  # threads of the engine would block a normal exit
+
+
+@contextlib.contextmanager
+def guard(resume_hint: str) -> Iterator[None]:
+    """Our handlers for the block, and Ray's SIGTERM exit inside it treated as our own stop."""
+    uninstall = install(resume_hint)
+    try:
+        yield
+    except SystemExit as exc:
+        if exc.code == signal.SIGTERM:  # Ray's driver handler: sys.exit(signum)
+            stop(signal.SIGTERM, resume_hint)
+        raise
+    finally:
+        uninstall()
+
+
 def install(resume_hint: str) -> Callable[[], None]:
     """Handle SIGINT/SIGTERM by shutting Ray down (bounded) and exiting 128 + signal; returns the uninstaller."""
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handler(signum: int, _frame: FrameType | None) -> None:
-        print(f"\nfedsite simulate: stopped by signal {signum}; {resume_hint}", file=sys.stderr, flush=True)
-        stopper = threading.Thread(target=_stop_ray, daemon=True)
-        stopper.start()
-        stopper.join(SHUTDOWN_TIMEOUT_S)
-        os._exit(128 + signum)  # threads of the engine would block a normal exit
+        stop(signum, resume_hint)
 
     for sig in previous:
         signal.signal(sig, handler)
+    _ACTIVE.append(handler)
 
     def uninstall() -> None:
+        _ACTIVE.remove(handler)
         for sig, old in previous.items():
             signal.signal(sig, old)
 
     return uninstall
+
+
+def reassert() -> None:
+    """Put the installed handler back after a library (Ray's core worker) took SIGTERM/SIGINT over."""
+    if _ACTIVE and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _ACTIVE[-1])

@@ -270,16 +270,14 @@ def run(args: argparse.Namespace) -> int:
           f"{len(cfg.models) or 1} model(s) x {len(cfg.norms) or 1} norm(s) x {len(cfg.seeds)} seed(s)); "
           f"{cfg.rounds} rounds of {cfg.local_epochs} local epoch(s)", flush=True)
     progress = Progress(len(cells), time.perf_counter())
-    uninstall = interrupt.install(f"run the same command again to resume (finished cells are kept, the interrupted one "
-                                  f"continues after its last checkpoint in {out / 'runs'})")
-    try:
+    hint = (f"run the same command again to resume (finished cells are kept, the interrupted one "
+            f"continues after its last checkpoint in {out / 'runs'})")
+    with interrupt.guard(hint):
         for name, data in datasets.items():
             single = len(datasets) == 1
             rc = run_dataset(cfg, name, data, out if single else out / name, progress, args.verbose, cfg.name if single else f"{cfg.name}/{name}")
             if rc:
                 return rc
-    finally:
-        uninstall()
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Ctrl-C during ``fedsite simulate``, then the same command: the interrupted cell resumes and ends bit-identical."""
+"""Ctrl-C or SIGTERM during ``fedsite simulate``, then the same command: the interrupted cell resumes and ends bit-identical."""
 
 import json
 import os
@@ -27,7 +27,8 @@ def _per_site(out):
     return {site: v["dice"] for site, v in run["per_site"].items()}
 
 
-def test_interrupted_cell_resumes_to_the_uninterrupted_result(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupted_cell_resumes_to_the_uninterrupted_result(tmp_path, sig):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -40,8 +41,8 @@ def test_interrupted_cell_resumes_to_the_uninterrupted_result(tmp_path):
         deadline = time.monotonic() + 600
         while "round 2/4" not in log_path.read_text() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(120) == 128 + signal.SIGINT
+        proc.send_signal(sig)
+        assert proc.wait(120) == 128 + sig
     assert "run the same command again to resume" in log_path.read_text()
     assert not (resumed / "results.json").exists()
 
