@@ -145,7 +145,7 @@ def write_reports(results: dict[str, Any], out: Path) -> str:
         "",
         *(["Paired differences (every federated method against local and FedAvg; * = interval excludes 0):", "",
            comparison_table(results), ""] if results.get("comparisons") else []),
-        "Per site: Dice (mean ± std over seeds) and 95th-percentile Hausdorff distance (voxels, mean over seeds):",
+        "Per site: Dice (mean ± std over seeds) and 95th-percentile Hausdorff distance (mm, from each case's voxel spacing; mean over seeds):",
         "",
         detail_table(results),
         "",
