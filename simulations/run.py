@@ -104,16 +104,16 @@ def prepare_data(data: DataConfig, out: Path) -> tuple[Path, list[str], int, int
     """Data root, site names, number of classes and spatial dims of one dataset."""
     from client.data import infer_num_classes, list_sites, load_site
 
-    from .domain_shift import DEFAULT_PROFILES
+    from .site_profiles import site_profiles
 
     if data.dir:
         root = Path(data.dir)
         sites = list(data.sites) or list_sites(root)
     else:
         source = data.anatomy or data.synthetic
-        if not 1 <= source.sites <= len(DEFAULT_PROFILES):
-            raise ConfigError(f"data: sites must be between 1 and {len(DEFAULT_PROFILES)}, got {source.sites}")
-        profiles = DEFAULT_PROFILES[: source.sites]
+        if source.sites < 1:
+            raise ConfigError(f"data: sites must be >= 1, got {source.sites}")
+        profiles = site_profiles(source.sites)
         if data.anatomy is not None:
             from .anatomy import generate_anatomy_dataset
 
