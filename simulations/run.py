@@ -20,6 +20,7 @@ from server.run_config import ServerRunConfig
 from shared_models.config import ConfigError
 from shared_models.durable import atomic_write_text
 from shared_models.protocol import EVAL_STATISTICS_MODES, LR_SCHEDULES, OPTIMIZERS, RESULTS_FILE
+from shared_models.transport import TRANSPORT_DTYPES
 
 from . import interrupt
 from .experiment import Cell, DataConfig, ExperimentConfig, with_overrides
@@ -57,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reset-optimizer", dest="persist_optimizer", action="store_false", default=None,
                         help="a fresh optimizer every round (default: the site continues its optimizer state)")
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--transport-dtype", choices=TRANSPORT_DTYPES,
+                        help="dtype the shared tensors travel in, both ways (default fp32; aggregation stays fp32)")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--eval-statistics", choices=EVAL_STATISTICS_MODES,
                         help="score with site norm statistics re-estimated under the final weights (refresh, default) "
@@ -95,6 +98,7 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
         batch_size=args.batch_size,
         device=args.device,
         eval_statistics=args.eval_statistics,
+        transport_dtype=args.transport_dtype,
         holdout=args.holdout,
         client_resources=resources,
     )
@@ -160,6 +164,7 @@ def run_config_for(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Pa
         amp=cfg.amp,
         channels_last=cfg.channels_last,
         eval_statistics=cfg.eval_statistics,
+        transport_dtype=cfg.transport_dtype,
         finetune_epochs=finetune_epochs,
         intensity=data.intensity,
         test_fraction=data.test_fraction,
@@ -242,6 +247,9 @@ def run_record(cell: Cell, fed: dict[str, Any], wall_s: float) -> dict[str, Any]
         "wall_s": wall_s,
         "bytes_sent": fed["bytes_sent"],
         "bytes_received": fed["bytes_received"],
+        "transport_dtype": fed.get("config", {}).get("transport-dtype", "fp32"),
+        "tensor_bytes_sent": fed.get("tensor_bytes_sent", 0),
+        "tensor_bytes_received": fed.get("tensor_bytes_received", 0),
         "history": fed["history"],
     }
 
