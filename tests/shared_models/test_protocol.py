@@ -25,7 +25,7 @@ def _full() -> RoundConfig:
                             proximal_mu=0.01, weight_decay=1e-4, optimizer="sgd", momentum=0.9, schedule="cosine",
                             warmup_fraction=0.1, persist_optimizer=False, augment=False),
         intensity="none", test_fraction=0.4, split_seed=5, sim_sites=("a", "b"), sim_data_dir="/d", sim_state_dir="/s",
-        with_hd95=False, eval_statistics="stored", with_fingerprint=True, finetune_epochs=3,
+        with_hd95=False, eval_statistics="stored", with_fingerprint=True, finetune_epochs=3, transport_dtype="bf16",
     )
 
 
