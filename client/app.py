@@ -74,7 +74,7 @@ def prepare_model(message: Message, context: Context, evaluating: bool = False) 
             "(different fedsite version or model code at this site)"
         )
     split = partition(model, cfg.partition_policy)
-    received = load_shared(model, message.content[P.ARRAYS], split, paths.site)
+    received = load_shared(model, message.content[P.ARRAYS], split, paths.site, cfg.transport_dtype)
     # Kept for `fedsite predict`: the newest global shared tensors, next to the local state.
     save_global(paths.state_dir, GlobalSnapshot(cfg.run_name, cfg.server_round, cfg.model_spec, cfg.policy,
                                                 cfg.policy_overrides, fingerprint, received, cfg.intensity,
@@ -119,7 +119,7 @@ def train(message: Message, context: Context) -> Message:
     metrics = TrainMetrics(data.num_train, report.loss, report.seconds, report.samples / max(report.seconds, 1e-9))
     content = RecordDict(
         {
-            P.ARRAYS: shared_record(sm.model, sm.split, paths.site),
+            P.ARRAYS: shared_record(sm.model, sm.split, paths.site, cfg.transport_dtype),
             P.METRICS: MetricRecord(metrics.to_record()),
             P.CONFIG: ConfigRecord({P.SITE_ID: paths.site, P.FINGERPRINT: sm.fingerprint}),
         }

@@ -2,17 +2,21 @@
 
 The guard that no site-local tensor leaves the site is here, in code: every
 outgoing ArrayRecord passes :func:`ensure_no_local_keys`, whatever the policy.
+Shared tensors travel in the round's transport dtype (:mod:`shared_models.transport`)
+and are upcast to the model's own dtype on receipt.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 from torch import nn
 
 from shared_models.partition import Split
+from shared_models.transport import decode, encode
 
 
 class ModelMismatchError(ValueError):
@@ -23,9 +27,9 @@ class LocalKeyLeakError(RuntimeError):
     """An outgoing record carried a site-local tensor; the reply is refused."""
 
 
-def load_shared(model: nn.Module, arrays: ArrayRecord, split: Split, site: str) -> dict[str, torch.Tensor]:
-    """Load the global shared tensors into ``model``; strict on keys and shapes."""
-    received = arrays.to_torch_state_dict()
+def load_shared(model: nn.Module, arrays: ArrayRecord, split: Split, site: str, transport: str = "fp32") -> dict[str, torch.Tensor]:
+    """Load the global shared tensors into ``model``; strict on keys and shapes; returns them (narrowed ones upcast)."""
+    received = received_tensors(arrays, model.state_dict(), transport)
     expected = set(split.shared)
     if set(received) != expected:
         missing, extra = sorted(expected - set(received)), sorted(set(received) - expected)
@@ -39,6 +43,15 @@ def load_shared(model: nn.Module, arrays: ArrayRecord, split: Split, site: str) 
         state[key] = value.to(state[key].dtype)
     model.load_state_dict(state, strict=True)
     return received
+
+
+def received_tensors(arrays: ArrayRecord, state: Mapping[str, torch.Tensor], transport: str) -> dict[str, torch.Tensor]:
+    """The record's tensors, those that travelled narrowed upcast to the dtype of ``state``'s tensor."""
+    if transport == "fp32":
+        return arrays.to_torch_state_dict()
+    reference = {k: torch.empty(0, dtype=v.dtype).numpy().dtype for k, v in state.items()}
+    decoded = decode({k: a.numpy() for k, a in arrays.items()}, reference, transport)
+    return {k: torch.from_numpy(v) for k, v in decoded.items()}
 
 
 def local_tensors(model: nn.Module, split: Split) -> dict[str, torch.Tensor]:
@@ -61,9 +74,13 @@ def ensure_no_local_keys(record: ArrayRecord, split: Split, site: str) -> None:
         raise LocalKeyLeakError(f"site {site}: refusing to send site-local tensors {leaked[:5]}")
 
 
-def shared_record(model: nn.Module, split: Split, site: str) -> ArrayRecord:
-    """ArrayRecord of the shared tensors only, checked by :func:`ensure_no_local_keys`."""
+def shared_record(model: nn.Module, split: Split, site: str, transport: str = "fp32") -> ArrayRecord:
+    """ArrayRecord of the shared tensors only, in the transport dtype, checked by :func:`ensure_no_local_keys`."""
     state = model.state_dict()
-    record = ArrayRecord({k: state[k].detach().cpu() for k in split.shared})
+    if transport == "fp32":
+        record = ArrayRecord({k: state[k].detach().cpu() for k in split.shared})
+    else:
+        arrays = encode({k: state[k].detach().cpu().numpy() for k in split.shared}, transport)
+        record = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
     ensure_no_local_keys(record, split, site)
     return record

@@ -33,9 +33,11 @@ from .checkpoint import CheckpointStore, ServerCheckpoint, arrays_to_tensors, re
 from .run_config import ServerRunConfig
 from .sites import FederationError, Roster, collect_replies, messages_to, online_targets, wait_for_nodes
 from .strategy import TargetedGrid, aggregate_shared, make_strategy
+from .transport import narrowed, tensor_bytes, upcast_replies
 from .validation import GateLimits, check_aggregate, gate
 
 log = logging.getLogger("fedsite.server")
+TRAFFIC = ("bytes_sent", "bytes_received", "tensor_bytes_sent", "tensor_bytes_received")  # per-round entries and totals
 __all__ = ["FederationError", "FederationResult", "run_federation", "train_round", "evaluate_sites"]
 
 
@@ -50,8 +52,10 @@ class FederationResult:
     sites: list[str]
     per_site: dict[str, dict[str, Any]] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
-    bytes_sent: int = 0
+    bytes_sent: int = 0  # serialised ArrayRecords (tensor data, keys and array headers)
     bytes_received: int = 0
+    tensor_bytes_sent: int = 0  # tensor data only, in the transport dtype
+    tensor_bytes_received: int = 0
     wall_s: float = 0.0
     resumed_from: int = 0
     config: dict[str, Any] = field(default_factory=dict)  # the run config, to rebuild any site's model later
@@ -70,8 +74,8 @@ class FederationResult:
         """Take the history and byte counts of the rounds a checkpoint already holds."""
         self.history = list(ckpt.history)
         self.resumed_from = ckpt.round + 1
-        self.bytes_sent = sum(int(e.get("bytes_sent", 0)) for e in self.history)
-        self.bytes_received = sum(int(e.get("bytes_received", 0)) for e in self.history)
+        for counter in TRAFFIC:
+            setattr(self, counter, sum(int(e.get(counter, 0)) for e in self.history))
 
 
 @dataclass
@@ -163,14 +167,13 @@ def run_federation(grid: Grid, cfg: ServerRunConfig) -> FederationResult:
         if not cfg.pooled:
             fed.roster.admit_new_nodes(grid, fed.base.to_record(), cfg.round_timeout)
             fed.result.sites = fed.roster.sites
-        sent0, received0 = fed.result.bytes_sent, fed.result.bytes_received
+        before = {c: getattr(fed.result, c) for c in TRAFFIC}
         entry = train_round(grid, fed, round_cfg)
         if rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds:
             final = rnd == cfg.num_rounds
             eval_cfg = dataclasses.replace(round_cfg, with_hd95=final, finetune_epochs=cfg.finetune_epochs if final else 0)
             entry["dice"] = evaluate_sites(grid, fed, eval_cfg)
-        entry["bytes_sent"] = fed.result.bytes_sent - sent0
-        entry["bytes_received"] = fed.result.bytes_received - received0
+        entry.update({c: getattr(fed.result, c) - before[c] for c in TRAFFIC})
         fed.end_round(entry)
     result = fed.result
     if result.history and "dice" in result.history[-1] and not result.per_site:
@@ -189,14 +192,20 @@ def train_round(grid: Grid, fed: Federation, round_cfg: RoundConfig) -> dict[str
     # Flower's sampler waits without bound for min_available_nodes: ask for exactly the targets.
     fed.strategy.min_train_nodes = fed.strategy.min_available_nodes = len(targets)
     messages = list(fed.strategy.configure_train(rnd, fed.global_arrays, ConfigRecord(round_cfg.to_record()), TargetedGrid(grid, targets)))
-    result.bytes_sent += fed.global_arrays.count_bytes() * len(messages)
+    outgoing = narrowed(fed.global_arrays, round_cfg.transport_dtype)
+    for message in messages:  # the strategy keeps the fp32 model it was given (FedProx, FedOpt); only the wire narrows
+        message.content[P.ARRAYS] = outgoing
+    count_sent(result, outgoing, len(messages))
     raw, missing = collect_replies(grid, messages, cfg.round_timeout, quorum, cfg.straggler_grace)
     # Replies arrive in completion order; a fixed (site) order makes the float sums of
     # the aggregation, and so the whole federation, reproducible run to run.
     replies = sorted(roster.successful(raw, "train", rnd), key=roster.site_of_reply)
-    result.bytes_received += sum(r.content[P.ARRAYS].count_bytes() for r in replies if P.ARRAYS in r.content)
-    # Update validation: nothing malformed, oversized, non-finite, implausible or far too long reaches a strategy.
+    received = [r.content[P.ARRAYS] for r in replies if isinstance(r.content.get(P.ARRAYS), ArrayRecord)]
+    result.bytes_received += sum(a.count_bytes() for a in received)
+    result.tensor_bytes_received += sum(tensor_bytes(a) for a in received)
     limits = GateLimits(payload_ratio=cfg.payload_limit, norm_bound=cfg.update_norm_bound)
+    upcast_replies(replies, fed.global_arrays, round_cfg.transport_dtype, limits.payload_ratio)
+    # Update validation: nothing malformed, oversized, non-finite, implausible or far too long reaches a strategy.
     replies, rejections = gate(replies, fed.global_arrays, round_cfg.fingerprint, roster.max_examples, roster.site_of_reply, limits)
     for rej in rejections:
         log.warning("round %d: rejected the update of site %s: %s", rnd, rej.site, rej.reason)
@@ -239,6 +248,12 @@ def aggregate(fed: Federation, rnd: int, replies: list[Message], quorum: int) ->
     return None
 
 
+def count_sent(result: FederationResult, outgoing: ArrayRecord, n_messages: int) -> None:
+    """Add ``n_messages`` copies of ``outgoing`` to what the server sent."""
+    result.bytes_sent += outgoing.count_bytes() * n_messages
+    result.tensor_bytes_sent += tensor_bytes(outgoing) * n_messages
+
+
 def scheduled_fingerprint(spec: dict[str, Any], split: Any, policy: Policy, cache: dict[str, str]) -> str:
     """Fingerprint of a scheduled spec; its shared/local keys must not change."""
     key = json.dumps(spec, sort_keys=True)
@@ -255,9 +270,10 @@ def evaluate_sites(grid: Grid, fed: Federation, round_cfg: RoundConfig) -> dict[
     """Each online site scores its personalised model on its own held-out split."""
     online = set(grid.get_node_ids())
     nodes = [n for n in fed.roster.eval_nodes if n in online]
-    record = RecordDict({P.ARRAYS: fed.global_arrays, P.CONFIG: ConfigRecord(round_cfg.to_record())})
+    outgoing = narrowed(fed.global_arrays, round_cfg.transport_dtype)
+    record = RecordDict({P.ARRAYS: outgoing, P.CONFIG: ConfigRecord(round_cfg.to_record())})
     messages = messages_to(record, nodes, MessageType.EVALUATE)
-    fed.result.bytes_sent += fed.global_arrays.count_bytes() * len(messages)
+    count_sent(fed.result, outgoing, len(messages))
     raw, _ = collect_replies(grid, messages, fed.cfg.round_timeout, len(messages), -1)
     dice = {}
     # Site order, not arrival order: the mean over sites is then the same float every run.

@@ -9,6 +9,7 @@ from typing import Any
 
 from shared_models.config import ConfigError, from_dict, to_dict
 from shared_models.protocol import EVAL_STATISTICS_MODES, LR_SCHEDULES, OPTIMIZERS, RoundConfig, TrainSettings
+from shared_models.transport import TRANSPORT_DTYPES
 
 _TRAIN = TrainSettings()
 _ROUND = RoundConfig(run_name="", model_spec={}, fingerprint="")
@@ -50,6 +51,7 @@ class ServerRunConfig:
     test_fraction: float = _ROUND.test_fraction
     split_seed: int = _ROUND.split_seed
     eval_statistics: str = _ROUND.eval_statistics  # refresh | stored (see shared_models.protocol.RoundConfig)
+    transport_dtype: str = _ROUND.transport_dtype  # fp32 | fp16 | bf16: the dtype shared tensors travel in
     finetune_epochs: int = 0  # personalisation: local fine-tuning epochs before the final evaluation
     pooled: bool = False
     data_dir: str = ""  # simulation only: the multi-site root the simulated nodes read
@@ -79,7 +81,7 @@ class ServerRunConfig:
                 raise ConfigError(f"{key.replace('_', '-')}: must be 0 (off) or >= 1, got {getattr(self, key)}")
         if self.lr <= 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
-        for key, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES)):
+        for key, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("transport_dtype", TRANSPORT_DTYPES)):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"{key.replace('_', '-')}: expected one of {list(choices)}, got {getattr(self, key)!r}")
         for key in ("momentum", "warmup_fraction"):
@@ -139,6 +141,7 @@ class ServerRunConfig:
             test_fraction=self.test_fraction,
             split_seed=self.split_seed,
             eval_statistics=self.eval_statistics,
+            transport_dtype=self.transport_dtype,
             sim_sites=tuple(self.site_list),
             sim_data_dir=self.data_dir,
             sim_state_dir=self.state_dir,

@@ -53,6 +53,7 @@ class FederationSection:
     test_fraction: float = _RUN.test_fraction
     split_seed: int = _RUN.split_seed
     eval_statistics: str = _RUN.eval_statistics  # refresh | stored
+    transport_dtype: str = _RUN.transport_dtype  # fp32 | fp16 | bf16: the dtype shared tensors travel in
     finetune_epochs: int = _RUN.finetune_epochs  # sites fine-tune the whole model before the final evaluation
     device: str = _RUN.device  # a site's own `device` (site.yaml) takes precedence
     min_sites: int = 0  # sites to wait for at the start (0 = every provisioned site)
@@ -120,6 +121,7 @@ def run_config(cfg: ServerConfig, out_dir: Path) -> dict[str, Any]:
         test_fraction=fed.test_fraction,
         split_seed=fed.split_seed,
         eval_statistics=fed.eval_statistics,
+        transport_dtype=fed.transport_dtype,
         finetune_epochs=fed.finetune_epochs,
         min_nodes=fed.min_sites or len(cfg.sites),
         min_train_nodes=fed.min_train_sites,

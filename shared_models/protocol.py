@@ -69,6 +69,7 @@ PATCH_SIZE = "patch-size"
 SIM_SITE_STATE = "site-state"  # a simulated cell's folder: one state dir per site under it
 TARGET_SPACING = "target-spacing"
 LOADER_WORKERS = "loader-workers"
+TRANSPORT_DTYPE = "transport-dtype"  # the dtype shared floating tensors travel in (shared_models/transport.py)
 # Values of EVAL_STATISTICS: re-estimate site statistics under the final weights, or score them as trained (the papers).
 EVAL_STATISTICS_MODES = ("refresh", "stored")
 # Values of OPTIMIZER and LR_SCHEDULE (the site's registries in client/optim_recipe.py and client/schedule.py).
@@ -184,6 +185,7 @@ class RoundConfig:
     # asks for it at the final evaluation only); the fine-tuned model never leaves the site
     finetune_epochs: int = 0
     with_fingerprint: bool = False  # query: the site also answers with its SiteFingerprint
+    transport_dtype: str = "fp32"  # fp32 | fp16 | bf16, both ways; each side upcasts to its model's dtype on receipt
 
     @property
     def partition_policy(self) -> Policy:
@@ -214,7 +216,7 @@ _ROUND_KEYS = {
     LOSS_NAME: "loss", INTENSITY: "intensity", TEST_FRACTION: "test_fraction", SPLIT_SEED: "split_seed",
     SIM_DATA_DIR: "sim_data_dir", SIM_STATE_DIR: "sim_state_dir", WITH_HD95: "with_hd95",
     EVAL_STATISTICS: "eval_statistics", FINETUNE_EPOCHS: "finetune_epochs",
-    WITH_FINGERPRINT: "with_fingerprint", NUM_ROUNDS: "num_rounds",
+    WITH_FINGERPRINT: "with_fingerprint", NUM_ROUNDS: "num_rounds", TRANSPORT_DTYPE: "transport_dtype",
 }
 _TRAIN_KEYS = {
     LOCAL_EPOCHS: "epochs", LR: "lr", BATCH_SIZE: "batch_size", SEED: "seed", DEVICE: "device", AMP: "amp",

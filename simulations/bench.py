@@ -28,7 +28,8 @@ from shared_models import build_model
 from shared_models.durable import atomic_write_text
 from shared_models.losses import segmentation_loss
 
-from .domain_shift import DEFAULT_PROFILES, generate_dataset
+from .domain_shift import generate_dataset
+from .site_profiles import site_profiles
 from .reference import plain_epoch
 
 
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         args.cases, args.size = args.cases or 20, args.size or 48
         return run_3d(args)
     args.cases, args.size = args.cases or 64, args.size or 64
-    profiles = DEFAULT_PROFILES[: args.sites]
+    profiles = site_profiles(args.sites)
     root = generate_dataset(args.out / "data", profiles=profiles, cases_per_site=args.cases, size=(args.size, args.size))
     sites = [p.name for p in profiles]
     site = load_site(root / sites[0], test_fraction=0.0 if args.cases > 1 else 0.25, num_classes=4)

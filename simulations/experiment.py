@@ -11,6 +11,7 @@ from shared_models.config import ConfigError, from_dict, load_yaml
 
 from shared_models.losses import LOSSES
 from shared_models.protocol import EVAL_STATISTICS_MODES, LR_SCHEDULES, OPTIMIZERS, TrainSettings
+from shared_models.transport import TRANSPORT_DTYPES
 
 from .methods import METHODS
 
@@ -122,6 +123,7 @@ class ExperimentConfig:
     device: str = "auto"
     amp: bool = True
     channels_last: bool = True
+    transport_dtype: str = "fp32"  # fp32 | fp16 | bf16: the dtype shared tensors travel in, both ways
     eval_statistics: str = "refresh"  # refresh: site statistics re-estimated under the final weights; stored: as the papers
     client_resources: Resources = field(default_factory=Resources)
 
@@ -141,7 +143,7 @@ class ExperimentConfig:
             raise ConfigError("rounds and local-epochs must be >= 1")
         if self.eval_statistics not in EVAL_STATISTICS_MODES:
             raise ConfigError(f"eval-statistics: expected one of {list(EVAL_STATISTICS_MODES)}, got {self.eval_statistics!r}")
-        for key, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES)):
+        for key, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("transport_dtype", TRANSPORT_DTYPES)):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"{key.replace('_', '-')}: expected one of {list(choices)}, got {getattr(self, key)!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -20,6 +20,7 @@ from server.run_config import ServerRunConfig
 from shared_models.config import ConfigError
 from shared_models.durable import atomic_write_text
 from shared_models.protocol import EVAL_STATISTICS_MODES, LR_SCHEDULES, OPTIMIZERS, RESULTS_FILE, SIM_SITE_STATE
+from shared_models.transport import TRANSPORT_DTYPES
 
 from . import interrupt
 from .experiment import Cell, DataConfig, ExperimentConfig, with_overrides
@@ -59,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--patch-size", type=_csv(int),
                         help="train on random patches of this size, e.g. 64,64,48 (default: the plan's; 3D data gets patches)")
+    parser.add_argument("--transport-dtype", choices=TRANSPORT_DTYPES,
+                        help="dtype the shared tensors travel in, both ways (default fp32; aggregation stays fp32)")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--eval-statistics", choices=EVAL_STATISTICS_MODES,
                         help="score with site norm statistics re-estimated under the final weights (refresh, default) "
@@ -98,6 +101,7 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
         patch_size=args.patch_size,
         device=args.device,
         eval_statistics=args.eval_statistics,
+        transport_dtype=args.transport_dtype,
         holdout=args.holdout,
         client_resources=resources,
     )
@@ -108,16 +112,16 @@ def prepare_data(data: DataConfig, out: Path) -> tuple[Path, list[str], int, int
     from client.case_files import discover_site
     from client.data import infer_num_classes, list_sites, load_site
 
-    from .domain_shift import DEFAULT_PROFILES
+    from .site_profiles import site_profiles
 
     if data.dir:
         root = Path(data.dir)
         sites = list(data.sites) or list_sites(root)
     else:
         source = data.anatomy or data.synthetic
-        if not 1 <= source.sites <= len(DEFAULT_PROFILES):
-            raise ConfigError(f"data: sites must be between 1 and {len(DEFAULT_PROFILES)}, got {source.sites}")
-        profiles = DEFAULT_PROFILES[: source.sites]
+        if source.sites < 1:
+            raise ConfigError(f"data: sites must be >= 1, got {source.sites}")
+        profiles = site_profiles(source.sites)
         if data.anatomy is not None:
             from .anatomy import generate_anatomy_dataset
 
@@ -170,6 +174,7 @@ def run_config_for(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Pa
         amp=cfg.amp,
         channels_last=cfg.channels_last,
         eval_statistics=cfg.eval_statistics,
+        transport_dtype=cfg.transport_dtype,
         finetune_epochs=finetune_epochs,
         intensity=data.intensity,
         test_fraction=data.test_fraction,
@@ -252,6 +257,9 @@ def run_record(cell: Cell, fed: dict[str, Any], wall_s: float) -> dict[str, Any]
         "wall_s": wall_s,
         "bytes_sent": fed["bytes_sent"],
         "bytes_received": fed["bytes_received"],
+        "transport_dtype": fed.get("config", {}).get("transport-dtype", "fp32"),
+        "tensor_bytes_sent": fed.get("tensor_bytes_sent", 0),
+        "tensor_bytes_received": fed.get("tensor_bytes_received", 0),
         "history": fed["history"],
     }
 

@@ -49,3 +49,33 @@ def test_load_shared_is_strict_and_leaves_local_tensors(model):
     wrong[key] = torch.zeros(3, 3)
     with pytest.raises(ModelMismatchError, match=key):
         load_shared(model, ArrayRecord(wrong), split, "site-a")
+
+
+_NARROW = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.mark.parametrize("transport", ["fp16", "bf16"])
+@pytest.mark.parametrize("policy", ["fedavg", "fedbn", "silobn", "local"])
+def test_a_narrowed_record_holds_the_shared_keys_only_integers_unchanged(model, policy, transport):
+    split = partition(model, policy)
+    record = shared_record(model, split, "site-a", transport)
+    assert set(record.keys()) == set(split.shared)
+    state = model.state_dict()
+    for key, array in record.items():
+        expected = ("float16" if transport == "fp16" else "uint16") if state[key].is_floating_point() else "int64"
+        assert array.dtype == expected, key
+    if policy == "fedavg":  # BatchNorm's step counters are shared under FedAvg and travel as int64
+        assert any(k.endswith("num_batches_tracked") for k in record.keys())
+
+
+@pytest.mark.parametrize("transport", ["fp16", "bf16"])
+def test_a_site_upcasts_the_narrowed_global_model_on_receipt(model, transport):
+    split = partition(model, "fedavg")
+    other = build_model({"name": "unet", "channels": [8, 16], "norm": "batch"}, seed=1)
+    received = load_shared(model, shared_record(other, split, "srv", transport), split, "site-a", transport)
+    state = model.state_dict()
+    for key in split.shared:
+        source = other.state_dict()[key]
+        expected = source.to(_NARROW[transport]).to(source.dtype) if source.is_floating_point() else source
+        assert state[key].dtype == source.dtype and torch.equal(state[key], expected), key
+        assert received[key].dtype == source.dtype
