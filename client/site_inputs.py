@@ -92,7 +92,7 @@ class SitePatches:
 SiteInputs = SiteTensors | SitePatches
 
 
-def _stack(cases) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_cases(cases) -> tuple[torch.Tensor, torch.Tensor]:
     if not cases:
         return torch.empty(0), torch.empty(0, dtype=torch.int64)
     return to_batch_tensors(np.stack([c.image for c in cases]), np.stack([c.label for c in cases]))
@@ -107,14 +107,14 @@ def site_tensors(paths: SitePaths, cfg: RoundConfig) -> SiteTensors:
     opts = dict(test_fraction=cfg.test_fraction, split_seed=cfg.split_seed, num_classes=_num_classes(cfg), intensity=cfg.intensity)
     if not paths.pooled_sites:
         data = load_site(paths.data_dir, **opts)
-        tensors = SiteTensors(*_stack(data.train), *_stack(data.test), data.num_classes, tuple(c.spacing for c in data.test))
+        tensors = SiteTensors(*stack_cases(data.train), *stack_cases(data.test), data.num_classes, tuple(c.spacing for c in data.test))
         tensors.num_rejected = data.n_rejected
         return tensors
     per_site = [load_site(paths.data_dir / s, **opts) for s in paths.pooled_sites]
     shape = tuple(int(max(d.spatial_shape[i] for d in per_site)) for i in range(len(per_site[0].spatial_shape)))
     per_site = [load_site(paths.data_dir / s, spatial_shape=shape, **opts) for s in paths.pooled_sites]
     train = [c for d in per_site for c in d.train]
-    return SiteTensors(*_stack(train), *_stack([]), per_site[0].num_classes)
+    return SiteTensors(*stack_cases(train), *stack_cases([]), per_site[0].num_classes)
 
 
 def site_patches(paths: SitePaths, cfg: RoundConfig) -> SitePatches:

@@ -7,7 +7,8 @@
    Adam, the same batch -- interleaved repetitions, median of each, ratio ours/plain.
 2. Memory: peak resident memory of a fresh process that builds the site and runs
    one training epoch, at ``--cases`` and at 10x as many volumes. With the disk
-   cache the two should be close (only a batch of patches is ever held).
+   cache the two should be close (only a batch of patches is ever held); the
+   whole-image path (every case stacked in memory) is measured beside it.
 """
 
 from __future__ import annotations
@@ -119,10 +120,19 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def peak_memory_mib(site_dir: Path, cache: Path, batch_size: int) -> float:
-    """Peak RSS (MiB) of a fresh process that reads the site through the cache and trains one epoch."""
-    done = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(site_dir), str(cache), str(batch_size)],
-                          check=True, capture_output=True, text=True)
+_WHOLE_IMAGE_PROBE = """
+import resource, sys
+from client.data import load_site
+from client.site_inputs import stack_cases
+site = load_site(sys.argv[1], test_fraction=0.0, num_classes=4)
+x, y = stack_cases(site.train)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_memory_mib(probe: str, *args: object) -> float:
+    """Peak RSS (MiB) of a fresh process running ``probe`` with ``args``."""
+    done = subprocess.run([sys.executable, "-c", probe, *map(str, args)], check=True, capture_output=True, text=True)
     return int(done.stdout.split()[-1]) / 1024
 
 
@@ -136,11 +146,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"3D patch training ({small} volumes): fedsite {t['fedsite_patches_per_s']:.2f} patches/s, "
           f"plain MONAI {t['plain_monai_patches_per_s']:.2f} patches/s, ratio {t['ratio']:.3f}")
     large_dir = _dataset(out, large, args.size)
-    memory = {n: peak_memory_mib(d, out / f"cache-{n}", args.batch_size) for n, d in ((small, small_dir), (large, large_dir))}
+    sizes = ((small, small_dir), (large, large_dir))
+    memory = {n: peak_memory_mib(_MEMORY_PROBE, d, out / f"cache-{n}", args.batch_size) for n, d in sizes}
+    whole = {n: peak_memory_mib(_WHOLE_IMAGE_PROBE, d) for n, d in sizes}
     results["peak_rss_mib"] = {str(n): m for n, m in memory.items()}
     results["memory_ratio"] = memory[large] / memory[small]
-    print(f"peak resident memory: {memory[small]:.0f} MiB at {small} volumes, {memory[large]:.0f} MiB at {large} "
-          f"(ratio {results['memory_ratio']:.2f})")
+    results["whole_image_peak_rss_mib"] = {str(n): m for n, m in whole.items()}
+    print(f"peak resident memory, patch pipeline: {memory[small]:.0f} MiB at {small} volumes, {memory[large]:.0f} MiB at "
+          f"{large} (ratio {results['memory_ratio']:.2f}); whole images stacked in memory: {whole[small]:.0f} / "
+          f"{whole[large]:.0f} MiB")
     atomic_write_text(out / "bench.json", json.dumps(results, indent=2))
     print(f"written: {out / 'bench.json'}")
     return 0
