@@ -2,9 +2,12 @@
 
 What it does, in order:
 
-1. starts Flower's ``flower-superlink`` (TLS with the provisioned certificate,
-   ``--enable-supernode-auth``, ``--database <file>`` so registered sites and run
-   history survive a restart, no runtime ``uv sync``: servers are often offline);
+1. starts Flower's ``flower-superlink`` on 127.0.0.1 (TLS with the provisioned
+   certificate, ``--enable-supernode-auth``, ``--database <file>`` so registered
+   sites and run history survive a restart, no runtime ``uv sync``: servers are
+   often offline), and on the public ``superlink.host:port`` an nginx proxy that
+   forwards the Fleet API only (:mod:`server.fleet_proxy`): the SuperLink's
+   unauthenticated Control API is reachable on the server host alone;
 2. registers the provisioned sites' public keys through the Control API (the
    in-process equivalent of ``flwr supernode register KEY --name SITE``); a site
    whose key changed (``fedsite provision --rotate``) has its old key unregistered;
@@ -35,6 +38,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,7 @@ from shared_models.protocol import FEDERATION_FILE, RESULTS_FILE, STATUS_FILE  #
 from .app_bundle import stage_app  # noqa: E402
 from .control import follow_run_log, poll_nodes, wait_for_run, wait_until_up  # noqa: E402
 from .server_config import DaemonError, ServerConfig, resolve, run_config, say  # noqa: E402
+from .fleet_proxy import FleetProxy, ProxySpec, find_nginx  # noqa: E402
 from .site_keys import sync_sites  # noqa: E402
 from .summary import site_table, summarise  # noqa: E402
 from .superlink import SuperLink  # noqa: E402
@@ -87,20 +92,29 @@ def serve(cfg: ServerConfig, base: Path) -> int:
     env = env_with_interpreter_bin({**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(work / "flwr-home"),
                                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
     os.environ["FLWR_HOME"] = env["FLWR_HOME"]
+    find_nginx()  # before anything starts
     link = SuperLink(cfg, base, work, env)
+    proxy: list[FleetProxy] = []
     state: dict[str, Any] = {"run_id": None, "status": "starting", "nodes": {}}
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        say(f"signal {signum}: stopping the SuperLink")
+    def stop_all() -> None:
+        for p in proxy:
+            p.stop()
         link.stop()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        say(f"signal {signum}: stopping the fleet proxy and the SuperLink")
+        stop_all()
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    http = start_exporter(cfg, out_dir, link, state)
+    http = start_exporter(cfg, out_dir, link, state, lambda: bool(proxy) and proxy[0].alive())
     try:
         control = wait_until_up(link)
-        say(f"SuperLink up on {cfg.superlink.host}:{cfg.superlink.port} (TLS, SuperNode authentication, database {cfg.superlink.database})")
+        proxy.append(start_proxy(cfg, base, work, link))
+        say(f"SuperLink up on {link.address} (TLS, SuperNode authentication, database {cfg.superlink.database}); "
+            f"Fleet API only on {cfg.superlink.host}:{cfg.superlink.port} (nginx, access log {proxy[0].access_log})")
         sync_sites(control, site_keys)
         fed = federate(cfg, control, link, work, out_dir, state)
         results = summarise(fed, cfg, time.perf_counter() - started)
@@ -110,19 +124,32 @@ def serve(cfg: ServerConfig, base: Path) -> int:
         say(f"done: {results['runs'][0]['rounds']} rounds{resumed}; results in {work / RESULTS_FILE}")
         if cfg.stay_up:
             say("staying up (--stay-up); stop with SIGTERM")
-            while link.alive():
+            while link.alive() and proxy[0].alive():
                 poll_nodes(control, state)
                 time.sleep(5)
-            raise DaemonError(f"the SuperLink exited with code {link.proc.returncode}")
+            raise DaemonError(f"the SuperLink ({link.proc.returncode}) or the fleet proxy ({proxy[0].proc.returncode}) exited")
         control.close()
         return 0
     finally:
-        link.stop()
+        stop_all()
         if http is not None:
             http.shutdown()
 
 
-def start_exporter(cfg: ServerConfig, out_dir: Path, link: SuperLink, state: dict[str, Any]) -> Any:
+def start_proxy(cfg: ServerConfig, base: Path, work: Path, link: SuperLink) -> FleetProxy:
+    """The public Fleet-only proxy in front of the SuperLink, listening once this returns."""
+    sl = cfg.superlink
+    spec = ProxySpec(sl.host, sl.port, link.port, resolve(base, sl.certfile), resolve(base, sl.keyfile), link.ca)
+    fleet = FleetProxy(spec, work)
+    try:
+        fleet.wait_listening()
+    except DaemonError:
+        fleet.stop()
+        raise
+    return fleet
+
+
+def start_exporter(cfg: ServerConfig, out_dir: Path, link: SuperLink, state: dict[str, Any], proxy_alive: Callable[[], bool]) -> Any:
     """The Prometheus ``/metrics`` and ``/health`` endpoint (None when the port is 0)."""
     if not cfg.metrics.port:
         return None
@@ -136,7 +163,8 @@ def start_exporter(cfg: ServerConfig, out_dir: Path, link: SuperLink, state: dic
     registry.register(StatusCollector(out_dir / STATUS_FILE, link.alive))
     registry.register(NodesCollector(state))
     http = serve_http(cfg.metrics.host, cfg.metrics.port, registry,
-                      lambda: (link.alive(), {"superlink": link.alive(), "run_id": state["run_id"], "status": state["status"]}))
+                      lambda: (link.alive() and proxy_alive(),
+                               {"superlink": link.alive(), "fleet_proxy": proxy_alive(), "run_id": state["run_id"], "status": state["status"]}))
     say(f"metrics on http://{cfg.metrics.host}:{cfg.metrics.port}/metrics")
     return http
 

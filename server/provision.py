@@ -125,6 +125,7 @@ def server_yaml(server_host: str, port: int, sites: dict[str, str]) -> dict[str,
         "superlink": {
             "host": "0.0.0.0",
             "port": port,
+            "internal-port": port + 1,
             "public-address": f"{server_host}:{port}",
             "certfile": "server/server.crt",
             "keyfile": "server/server.key",

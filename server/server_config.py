@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared_models.config import ConfigError
 from shared_models.endpoint import EndpointSection
 
 from .run_config import ServerRunConfig
@@ -20,11 +21,16 @@ class SuperLinkSection:
     certfile: str
     keyfile: str
     ca_certfile: str
-    host: str = "0.0.0.0"
+    host: str = "0.0.0.0"  # the public (Fleet-only) proxy's address
     port: int = 9092
+    internal_port: int = 0  # the SuperLink's own port on 127.0.0.1 (0 = a free one at each start)
     public_address: str = ""
     database: str = "state/superlink.db"
     health_port: int = 0  # Flower's gRPC health service (0 = off)
+
+    def __post_init__(self) -> None:
+        if self.internal_port and self.internal_port == self.port:
+            raise ConfigError(f"internal-port: must differ from port ({self.port}): the proxy listens there")
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,25 @@
-"""The ``flower-superlink`` child process of the server daemon."""
+"""The ``flower-superlink`` child process of the server daemon, on 127.0.0.1 only.
+
+Its one port serves the Fleet, Control and Runtime APIs; the sites reach the
+Fleet API through :mod:`server.fleet_proxy`, the daemon the Control API here.
+"""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 
 from shared_models.executables import console_script
 
 from .server_config import ServerConfig, resolve
+
+
+def free_loopback_port() -> int:
+    """A port free on 127.0.0.1 now (the SuperLink binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class SuperLink:
@@ -17,7 +29,8 @@ class SuperLink:
         link = cfg.superlink
         db = resolve(base, link.database)
         db.parent.mkdir(parents=True, exist_ok=True)
-        self.address = f"{'127.0.0.1' if link.host in ('0.0.0.0', '::', '') else link.host}:{link.port}"
+        self.port = link.internal_port or free_loopback_port()
+        self.address = f"127.0.0.1:{self.port}"
         self.ca = resolve(base, link.ca_certfile)
         cmd = [
             console_script("flower-superlink"),
@@ -26,8 +39,8 @@ class SuperLink:
             "--ssl-ca-certfile", str(self.ca),
             "--enable-supernode-auth",
             "--database", str(db),
-            "--host", link.host,
-            "--port", str(link.port),
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
             "--disable-runtime-dependency-installation",
         ]
         if link.health_port:

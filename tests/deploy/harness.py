@@ -147,7 +147,8 @@ def make_federation(root: Path, sites: list[str], rogue: str | None, federation:
     server = yaml.safe_load((bundle / "server.yaml").read_text())
     if rogue:
         server["sites"].pop(rogue)  # provisioned by the same CA, never registered
-    server["superlink"]["host"] = "127.0.0.1"
+    server["superlink"]["host"] = "127.0.0.1"  # the fleet proxy; the SuperLink itself binds 127.0.0.1
+    server["superlink"]["internal-port"] = free_port()
     server["metrics"] = {"host": "127.0.0.1", "port": free_port()}
     server["federation"].update(federation)
     (bundle / "server.yaml").write_text(yaml.safe_dump(server, sort_keys=False))
