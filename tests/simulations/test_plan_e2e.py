@@ -25,7 +25,8 @@ def test_plan_fills_the_unset_values_and_a_flag_overrides_it(tmp_path, capsys):
     plan = record["plan"]
     assert plan["patch_shape"] == [32, 32] and plan["channels"] == [16, 32, 64] and plan["batch_size"] == 6
     assert plan["num_classes"] == 3 and [fp["site_id"] for fp in record["fingerprints"]] == ["site-a", "site-b"]
-    assert record["applied"] == {"model": {"name": "unet", "channels": [4, 8], "norm": "batch"}, "lr": 1e-3, "batch_size": 2}
+    assert record["applied"] == {"model": {"name": "unet", "channels": [4, 8], "norm": "batch"}, "lr": 1e-3, "batch_size": 2,
+                                 "patch_size": [], "target_spacing": []}  # 2D slices of 32x32: whole images
     assert record["sources"]["batch_size"] == "set" and record["sources"]["lr"] == "plan"
 
     # What the federation actually ran with.
