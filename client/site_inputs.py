@@ -35,6 +35,7 @@ class SiteTensors:
     test_y: torch.Tensor
     num_classes: int
     test_spacing: tuple[tuple[float, ...], ...] = ()  # voxel size (mm) of each test case: HD95 in mm
+    num_rejected: int = 0  # cases the site refused to read
 
     @property
     def num_train(self) -> int:
@@ -43,8 +44,6 @@ class SiteTensors:
     @property
     def num_test(self) -> int:
         return len(self.test_x)
-
-    num_rejected: int = 0
 
     def batches(self, settings: TrainSettings) -> BatchSource:
         return TensorBatches(self.train_x, self.train_y, settings.batch_size, settings.seed)
@@ -107,9 +106,8 @@ def site_tensors(paths: SitePaths, cfg: RoundConfig) -> SiteTensors:
     opts = dict(test_fraction=cfg.test_fraction, split_seed=cfg.split_seed, num_classes=_num_classes(cfg), intensity=cfg.intensity)
     if not paths.pooled_sites:
         data = load_site(paths.data_dir, **opts)
-        tensors = SiteTensors(*stack_cases(data.train), *stack_cases(data.test), data.num_classes, tuple(c.spacing for c in data.test))
-        tensors.num_rejected = data.n_rejected
-        return tensors
+        return SiteTensors(*stack_cases(data.train), *stack_cases(data.test), data.num_classes, tuple(c.spacing for c in data.test),
+                           num_rejected=data.n_rejected)
     per_site = [load_site(paths.data_dir / s, **opts) for s in paths.pooled_sites]
     shape = tuple(int(max(d.spatial_shape[i] for d in per_site)) for i in range(len(per_site[0].spatial_shape)))
     per_site = [load_site(paths.data_dir / s, spatial_shape=shape, **opts) for s in paths.pooled_sites]

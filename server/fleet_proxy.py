@@ -23,6 +23,7 @@ from pathlib import Path
 
 from shared_models.durable import atomic_write_text
 
+from .child_process import stop_child
 from .server_config import DaemonError
 
 FLEET_PREFIX = "/v1/fleet/"
@@ -143,11 +144,5 @@ class FleetProxy:
         raise DaemonError(f"the fleet proxy did not listen on {host}:{self.spec.port} within {timeout:.0f} s")
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.alive():
-            self.proc.terminate()  # nginx: fast shutdown of master and workers
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_child(self.proc, timeout)  # SIGTERM: nginx's fast shutdown of master and workers
         self._log.close()

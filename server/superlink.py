@@ -12,6 +12,7 @@ from pathlib import Path
 
 from shared_models.executables import console_script
 
+from .child_process import stop_child
 from .server_config import ServerConfig, resolve
 
 
@@ -54,11 +55,5 @@ class SuperLink:
         return self.proc.poll() is None
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.alive():
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_child(self.proc, timeout)
         self._log.close()
