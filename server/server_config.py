@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from shared_models.config import ConfigError
+from shared_models.protocol import check_sizes
 from shared_models.endpoint import EndpointSection
 
 from .run_config import ServerRunConfig
@@ -71,6 +72,9 @@ class FederationSection:
     update_norm_bound: float = _RUN.update_norm_bound
     eval_every: int = 1
 
+    def __post_init__(self) -> None:
+        check_sizes(self.patch_size, "federation.patch-size")
+        check_sizes(self.target_spacing, "federation.target-spacing")
 
 @dataclass(frozen=True)
 class ServerConfig:

@@ -145,6 +145,14 @@ class TrainSettings:
         return parse_sizes(self.target_spacing, TARGET_SPACING, float)
 
 
+def check_sizes(values, key: str) -> None:
+    """A config's ``patch-size``/``target-spacing``: empty, or 2 or 3 positive numbers (ConfigError naming ``key``)."""
+    from .config import ConfigError
+
+    if values and (len(values) not in (2, 3) or any(float(v) <= 0 for v in values)):
+        raise ConfigError(f"{key}: expected [] or 2 or 3 positive sizes, got {list(values)}")
+
+
 def parse_sizes(text: str, key: str, kind: type) -> tuple:
     """ "96,96,64" -> (96, 96, 64); "" -> (); anything else non-positive or malformed is a ProtocolError naming ``key``."""
     if not text.strip():

@@ -10,7 +10,7 @@ from typing import Any
 from shared_models.config import ConfigError, from_dict, load_yaml
 
 from shared_models.losses import LOSSES
-from shared_models.protocol import EVAL_STATISTICS_MODES, LR_SCHEDULES, OPTIMIZERS, TrainSettings
+from shared_models.protocol import EVAL_STATISTICS_MODES, LR_SCHEDULES, OPTIMIZERS, TrainSettings, check_sizes
 from shared_models.transport import TRANSPORT_DTYPES
 
 from .methods import METHODS
@@ -146,6 +146,8 @@ class ExperimentConfig:
         for key, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("transport_dtype", TRANSPORT_DTYPES)):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"{key.replace('_', '-')}: expected one of {list(choices)}, got {getattr(self, key)!r}")
+        check_sizes(self.patch_size, "patch-size")
+        check_sizes(self.target_spacing, "target-spacing")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 

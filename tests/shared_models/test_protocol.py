@@ -132,3 +132,17 @@ def test_patch_sizes_parse_and_a_malformed_one_names_its_key() -> None:
     for bad in ("32,x,16", "0,32,32", "32"):
         with pytest.raises(P.ProtocolError, match="patch-size"):
             TrainSettings(patch_size=bad).patch_shape
+
+
+def test_a_malformed_patch_size_in_a_config_is_refused_naming_its_key() -> None:
+    from server.server_config import FederationSection
+    from shared_models.config import ConfigError
+    from simulations.experiment import ExperimentConfig
+
+    with pytest.raises(ConfigError, match="^patch-size"):
+        ExperimentConfig(methods=("fedbn",), patch_size=(0, 32, 32))
+    with pytest.raises(ConfigError, match="^target-spacing"):
+        ExperimentConfig(methods=("fedbn",), target_spacing=(1.0,))
+    with pytest.raises(ConfigError, match="federation.patch-size"):
+        FederationSection(model={}, patch_size=(32,))
+    assert ExperimentConfig(methods=("fedbn",), patch_size=(), target_spacing=(1.5, 1.5, 3.0)).patch_size == ()
