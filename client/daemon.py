@@ -14,6 +14,10 @@ identified by its ``--node-config`` (a TOML file the daemon writes):
 - Reconnection: the SuperNode retries a lost SuperLink itself (unbounded, with
   backoff); if it exits anyway (e.g. the key is not registered yet) the daemon
   starts it again after ``restart-delay`` seconds, doubling up to 60 s.
+- Only approved code runs: the SuperNode starts no ClientApp itself
+  (``--isolation process``); the daemon's :class:`client.fab_gate.TaskGate` runs
+  each task only if the sha256 of its FAB is in ``approved-fabs`` and refuses
+  (error reply, log line, ``refused_fabs`` on ``/health``) any other.
 - ``/health`` (200 when the SuperNode runs and is connected, else 503) and
   ``/metrics`` (``client/site_metrics.py``) on ``health.host:health.port``.
 """
@@ -41,7 +45,10 @@ from shared_models.durable import atomic_write_text  # noqa: E402
 from shared_models.endpoint import EndpointSection  # noqa: E402
 from shared_models.executables import env_with_interpreter_bin  # noqa: E402
 
+from .fab_gate import TaskGate, read_refusals  # noqa: E402
+
 DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|auto)$")
+FAB_HASH = re.compile(r"^[0-9a-f]{64}$")
 NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 RECEIVING = re.compile(r"Receiving: (\w+) message")
 LOST = re.compile(r"Connection attempt failed")
@@ -61,8 +68,12 @@ class SiteConfig:
     runtime_port: int = 9094  # the SuperNode's local ClientApp API (127.0.0.1)
     heartbeat_interval: float = 30.0
     restart_delay: float = 5.0
+    approved_fabs: tuple[str, ...] = ()  # sha256 of each FAB this site runs (none: no FAB runs)
 
     def __post_init__(self) -> None:
+        bad = [h for h in self.approved_fabs if not FAB_HASH.match(h)]
+        if bad:
+            raise ConfigError(f"approved-fabs: expected sha256 hex digests (64 lowercase hex characters), got {bad}")
         if not DEVICE.match(self.device):
             raise ConfigError(f"device: expected cpu, cuda, cuda:N or auto, got {self.device!r}")
         if not 10 <= self.heartbeat_interval <= 1800:
@@ -166,7 +177,7 @@ class Supervisor:
                 proc.kill()
 
 
-def serve_health(host: str, port: int, site: str, supervisor: Supervisor, state_dir: Path) -> ThreadingHTTPServer:
+def serve_health(host: str, port: int, site: str, supervisor: Supervisor, state_dir: Path, approved: tuple[str, ...]) -> ThreadingHTTPServer:
     from prometheus_client import CollectorRegistry
 
     from shared_models.exporter import serve
@@ -177,7 +188,7 @@ def serve_health(host: str, port: int, site: str, supervisor: Supervisor, state_
     registry.register(SiteCollector(site, state_dir, supervisor.snapshot))
 
     def health() -> tuple[bool, dict[str, Any]]:
-        snap = {"site": site, **supervisor.snapshot()}
+        snap = {"site": site, **supervisor.snapshot(), "approved_fabs": list(approved), "refused_fabs": read_refusals(state_dir)}
         return bool(snap["connected"]), snap
 
     return serve(host, port, registry, health, name="fedsite-health")
@@ -216,21 +227,26 @@ def run(args: argparse.Namespace) -> int:
         "--auth-supernode-private-key", str(resolve_path(base, cfg.auth_private_key)),
         "--node-config", str(node_config),
         "--port", str(cfg.runtime_port),
+        "--isolation", "process",  # the TaskGate below runs the ClientApp, approved FABs only
     ]
     env = env_with_interpreter_bin({
         **os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FEDSITE_HEARTBEAT_INTERVAL": str(cfg.heartbeat_interval),
         "FEDSITE_PARENT_PID": str(os.getpid()), "FLWR_HOME": str(state_dir / "flwr-home")})
     supervisor = Supervisor(cmd, env, cfg.restart_delay)
+    gate = TaskGate(f"127.0.0.1:{cfg.runtime_port}", cfg.approved_fabs, state_dir, cfg.site_id, env)
+    threading.Thread(target=gate.run, name="fedsite-task-gate", daemon=True).start()
 
     def on_signal(signum: int, _frame: Any) -> None:
         print(f"fedsite client: signal {signum}, stopping the SuperNode", flush=True)
+        gate.stop()
         supervisor.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    http = serve_health(cfg.health.host, cfg.health.port, cfg.site_id, supervisor, state_dir) if cfg.health.port else None
+    http = serve_health(cfg.health.host, cfg.health.port, cfg.site_id, supervisor, state_dir, cfg.approved_fabs) if cfg.health.port else None
     print(f"fedsite client: site {cfg.site_id}, {n_images} images in {data_dir}, state in {state_dir}, device {device}; "
-          f"connecting to {cfg.superlink} (TLS, key {cfg.auth_private_key})"
+          f"connecting to {cfg.superlink} (TLS, key {cfg.auth_private_key}); "
+          f"approved FABs: {', '.join(cfg.approved_fabs) or 'none (every run is refused)'}"
           + (f"; health on http://{cfg.health.host}:{cfg.health.port}/health" if http else ""), flush=True)
     supervisor.run()
     if http is not None:

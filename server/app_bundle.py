@@ -1,4 +1,9 @@
-"""The Flower App the server submits: the app's packages and a ``pyproject.toml`` carrying the run config."""
+"""The Flower App the server submits: the app's packages and a ``pyproject.toml`` with the default run config.
+
+The bundle holds only code and defaults (the federation's values travel as the
+run's override config), so its sha256 -- Flower's FAB hash -- is the same for
+every federation of one fedsite version: the hash a site approves (``approved-fabs``).
+"""
 
 from __future__ import annotations
 
@@ -26,7 +31,14 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
-def stage_app(dest: Path, config: dict[str, Any]) -> Path:
+def default_config() -> dict[str, Any]:
+    """The run config the bundle declares: every key the server overrides, at its default."""
+    from .run_config import ServerRunConfig
+
+    return ServerRunConfig(model="{}").to_run_config()
+
+
+def stage_app(dest: Path, config: dict[str, Any] | None = None) -> Path:
     """Write the Flower App (pyproject + packages) that ``flwr run`` would bundle."""
     import server as server_pkg
 
@@ -48,8 +60,27 @@ def stage_app(dest: Path, config: dict[str, Any]) -> Path:
         "[tool.flwr.app]", 'publisher = "fedsite"', "",
         "[tool.flwr.app.components]", 'serverapp = "server.app:app"', 'clientapp = "client.app:app"', "",
         "[tool.flwr.app.config]",
-        *(f"{key} = {_toml_value(value)}" for key, value in config.items()),
+        *(f"{key} = {_toml_value(value)}" for key, value in (default_config() if config is None else config).items()),
         "",
     ]
     atomic_write_text(dest / "pyproject.toml", "\n".join(lines))
     return dest
+
+
+def build_fab(app_dir: Path) -> tuple[bytes, str]:
+    """The FAB ``flwr build`` makes of ``app_dir`` and its sha256 (Flower's FAB hash)."""
+    import hashlib
+
+    from flwr.cli.build import build_fab_from_disk
+
+    fab = build_fab_from_disk(app_dir)
+    return fab, hashlib.sha256(fab).hexdigest()
+
+
+def fab_hash(work: Path) -> str:
+    """The hash of the FAB this installation submits (staged under ``work``, then removed)."""
+    app = stage_app(work / "fab-hash-app")
+    try:
+        return build_fab(app)[1]
+    finally:
+        shutil.rmtree(app, ignore_errors=True)

@@ -56,15 +56,15 @@ class Control:
 
         self.client.StopRun(StopRunRequest(run_id=run_id))
 
-    def start(self, app_dir: Path) -> int:
-        from flwr.cli.build import build_fab_from_disk
+    def start(self, fab_bytes: bytes, run_config: dict[str, Any]) -> int:
+        """Submit a FAB with the run's config as its override (what ``flwr run --run-config`` sends)."""
         from flwr.common.serde import fab_to_proto, user_config_to_proto
         from flwr.proto.control_pb2 import StartRunRequest
         from flwr.supercore.fab import Fab
 
-        fab_bytes = build_fab_from_disk(app_dir)
         fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
-        res = self.client.StartRun(StartRunRequest(fab=fab_to_proto(fab), override_config=user_config_to_proto({}), federation="", app_spec=""))
+        res = self.client.StartRun(StartRunRequest(fab=fab_to_proto(fab), override_config=user_config_to_proto(run_config),
+                                                   federation="", app_spec=""))
         if not res.HasField("run_id"):
             raise DaemonError("the SuperLink did not start the run")
         return int(res.run_id)

@@ -12,10 +12,12 @@ What it does, in order:
    in-process equivalent of ``flwr supernode register KEY --name SITE``); a site
    whose key changed (``fedsite provision --rotate``) has its old key unregistered;
 3. stops runs a crashed predecessor left running, builds the Flower App Bundle
-   from a staged copy of the app (``pyproject.toml`` generated with this
-   federation's run config + the ``shared_models``/``client``/``server``
-   packages) and submits it (what ``flwr run APP CONNECTION`` does): the
-   SuperLink starts our ServerApp, each SuperNode our ClientApp;
+   from a staged copy of the app (``pyproject.toml`` with the default run config
+   + the ``shared_models``/``client``/``server`` packages: one hash per fedsite
+   version, which the sites approve) and submits it with this federation's run
+   config, the node id -> site map of the registered keys included, as the
+   override (what ``flwr run APP CONNECTION --run-config`` does): the SuperLink
+   starts our ServerApp, each SuperNode our ClientApp;
 4. exports Prometheus metrics and ``/health`` while it waits for the run;
 5. prints the per-site table, writes ``results.json`` (the schema of
    ``fedsite simulate``) in its work directory and exits 0, or keeps the
@@ -50,7 +52,7 @@ from shared_models.durable import atomic_write_text  # noqa: E402
 from shared_models.executables import env_with_interpreter_bin  # noqa: E402
 from shared_models.protocol import FEDERATION_FILE, RESULTS_FILE, STATUS_FILE  # noqa: E402
 
-from .app_bundle import stage_app  # noqa: E402
+from .app_bundle import build_fab, stage_app  # noqa: E402
 from .control import follow_run_log, poll_nodes, wait_for_run, wait_until_up  # noqa: E402
 from .server_config import DaemonError, ServerConfig, resolve, run_config, say  # noqa: E402
 from .fleet_proxy import FleetProxy, ProxySpec, find_nginx  # noqa: E402
@@ -115,8 +117,8 @@ def serve(cfg: ServerConfig, base: Path) -> int:
         proxy.append(start_proxy(cfg, base, work, link))
         say(f"SuperLink up on {link.address} (TLS, SuperNode authentication, database {cfg.superlink.database}); "
             f"Fleet API only on {cfg.superlink.host}:{cfg.superlink.port} (nginx, access log {proxy[0].access_log})")
-        sync_sites(control, site_keys)
-        fed = federate(cfg, control, link, work, out_dir, state)
+        node_ids = sync_sites(control, site_keys)
+        fed = federate(cfg, control, link, work, out_dir, state, node_ids)
         results = summarise(fed, cfg, time.perf_counter() - started)
         atomic_write_text(work / RESULTS_FILE, json.dumps(results, indent=2))
         print(site_table(results), flush=True)
@@ -169,15 +171,18 @@ def start_exporter(cfg: ServerConfig, out_dir: Path, link: SuperLink, state: dic
     return http
 
 
-def federate(cfg: ServerConfig, control: Any, link: SuperLink, work: Path, out_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
-    """Stop runs a crashed predecessor left, submit this federation's app, wait; its ``federation.json``."""
+def federate(cfg: ServerConfig, control: Any, link: SuperLink, work: Path, out_dir: Path, state: dict[str, Any],
+             node_ids: dict[str, int]) -> dict[str, Any]:
+    """Stop runs a crashed predecessor left, submit this federation's app, wait; its ``federation.json``.
+    ``node_ids`` (site -> node of its registered key) travels in the run config: identity is the key."""
     for run_id, r in control.runs().items():
         if r.status.status != "finished":
             say(f"stopping run {run_id} left {r.status.status} by a previous server process")
             control.stop(run_id)
-    app_dir = stage_app(work / "app", run_config(cfg, out_dir))
+    fab, digest = build_fab(stage_app(work / "app"))
     (out_dir / FEDERATION_FILE).unlink(missing_ok=True)
-    run_id = control.start(app_dir)
+    run_id = control.start(fab, run_config(cfg, out_dir, node_ids))
+    say(f"FAB sha256 {digest} (what each site's approved-fabs must list)")
     state["run_id"], state["status"] = run_id, "running"
     follow_run_log(link, run_id)
     say(f"run {run_id} submitted: {cfg.federation.rounds} rounds, policy {cfg.federation.policy}, strategy {cfg.federation.strategy}, out-dir {out_dir}")

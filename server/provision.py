@@ -169,11 +169,12 @@ def server_yaml(server_host: str, port: int, sites: dict[str, str]) -> dict[str,
     }
 
 
-def site_yaml(site: str, server_host: str, port: int, index: int = 0) -> dict[str, Any]:
+def site_yaml(site: str, server_host: str, port: int, index: int = 0, approved_fabs: tuple[str, ...] = ()) -> dict[str, Any]:
     """One site's configuration (paths relative to the file); no other site's data.
 
     ``index`` (the site's place in the bundle) gives each site its own local ports,
     so a pilot of every site on one host runs from the bundle unedited.
+    ``approved_fabs``: the FAB hashes the site runs (the one this fedsite version submits).
     """
     return {
         "site-id": site,
@@ -187,7 +188,18 @@ def site_yaml(site: str, server_host: str, port: int, index: int = 0) -> dict[st
         "runtime-port": 9094 + index,
         "heartbeat-interval": 30,
         "restart-delay": 5.0,
+        "approved-fabs": list(approved_fabs),
     }
+
+
+def installed_fab_hash() -> str:
+    """The FAB hash of the fedsite installed here: what ``fedsite server`` of this version submits."""
+    import tempfile
+
+    from .app_bundle import fab_hash
+
+    with tempfile.TemporaryDirectory(prefix="fedsite-fab-") as tmp:
+        return fab_hash(Path(tmp))
 
 
 def provision(out: Path, server_host: str, sites: list[str], port: int = DEFAULT_PORT, extra_hosts: tuple[str, ...] = (), rotate: tuple[str, ...] = ()) -> dict[str, Path]:
@@ -215,6 +227,7 @@ def provision(out: Path, server_host: str, sites: list[str], port: int = DEFAULT
     server_file = out / "server.yaml"
     config = yaml.safe_load(server_file.read_text()) if server_file.exists() else server_yaml(server_host, port, {})
     known: dict[str, str] = dict(config.get("sites") or {})
+    approved: tuple[str, ...] = ()
     for site in dict.fromkeys([*sites, *rotate]):
         if not site or "/" in site or site.startswith("."):
             raise ValueError(f"invalid site name {site!r}")
@@ -230,7 +243,9 @@ def provision(out: Path, server_host: str, sites: list[str], port: int = DEFAULT
         site_file = out / "sites" / f"{site}.yaml"
         if not site_file.exists():
             index = list(dict.fromkeys([*known, site])).index(site)
-            atomic_write_text(site_file, yaml.safe_dump(site_yaml(site, server_host, int(config["superlink"]["port"]), index), sort_keys=False))
+            approved = approved or (installed_fab_hash(),)
+            site_cfg = site_yaml(site, server_host, int(config["superlink"]["port"]), index, approved)
+            atomic_write_text(site_file, yaml.safe_dump(site_cfg, sort_keys=False))
         written[site] = site_file
     config["sites"] = known
     if "federation" in config and not server_file.exists():

@@ -107,7 +107,7 @@ class Federation:
         base = cfg.round_config(fingerprint)
         expected = cfg.min_nodes or (len(cfg.site_list) + (1 if cfg.pooled else 0)) or 1
         nodes = wait_for_nodes(grid, expected, cfg.wait_seconds, minimum=min(expected, max(1, cfg.min_train_nodes)))
-        roster = Roster.discover(grid, nodes, base.to_record(), cfg.round_timeout, cfg.pooled)
+        roster = Roster.discover(grid, nodes, base.to_record(), cfg.round_timeout, cfg.pooled, cfg.registered_sites)
         log.info("sites: %s", roster.describe())
         log.info("policy %s: %d shared, %d site-local tensors; strategy %s", policy.name, len(split.shared), len(split.local), cfg.strategy)
         strategy = make_strategy(cfg.strategy, len(roster.train_nodes), json.loads(cfg.strategy_options))

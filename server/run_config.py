@@ -57,6 +57,7 @@ class ServerRunConfig:
     data_dir: str = ""  # simulation only: the multi-site root the simulated nodes read
     sites: str = ""  # simulation only: comma-separated site names, partition-id order
     state_dir: str = ""  # simulation only: where simulated sites keep their local state
+    node_sites: str = "{}"  # deployment: JSON {node id: site its key was registered under}; "{}" trusts the claims
     min_nodes: int = 0  # 0 = every site must connect
     wait_seconds: float = 120.0
     round_timeout: float = 900.0
@@ -87,7 +88,7 @@ class ServerRunConfig:
         for key in ("momentum", "warmup_fraction"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"{key.replace('_', '-')}: must be in [0, 1), got {getattr(self, key)}")
-        for key in ("model", "model_schedule", "policy_overrides", "strategy_options"):
+        for key in ("model", "model_schedule", "policy_overrides", "strategy_options", "node_sites"):
             try:
                 value = json.loads(getattr(self, key))
             except json.JSONDecodeError as exc:
@@ -115,6 +116,11 @@ class ServerRunConfig:
             if int(start) <= server_round:
                 spec.update(schedule[start])
         return spec
+
+    @property
+    def registered_sites(self) -> dict[int, str]:
+        """Node id -> the site name its key was registered under (empty in simulation)."""
+        return {int(node): str(site) for node, site in json.loads(self.node_sites).items()}
 
     @property
     def site_list(self) -> list[str]:

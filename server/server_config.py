@@ -100,8 +100,10 @@ def resolve(base: Path, value: str) -> Path:
     return path if path.is_absolute() else (base / path).resolve()
 
 
-def run_config(cfg: ServerConfig, out_dir: Path) -> dict[str, Any]:
-    """The ServerApp's run_config: a :class:`ServerRunConfig`, serialised by its one serialiser."""
+def run_config(cfg: ServerConfig, out_dir: Path, node_sites: dict[str, int] | None = None) -> dict[str, Any]:
+    """The ServerApp's run_config: a :class:`ServerRunConfig`, serialised by its one serialiser.
+    ``node_sites`` (site -> node id of its registered key) lets the ServerApp refuse a node that
+    claims another site than its key's."""
     fed = cfg.federation
     return ServerRunConfig(
         model=json.dumps(fed.model),
@@ -142,4 +144,5 @@ def run_config(cfg: ServerConfig, out_dir: Path) -> dict[str, Any]:
         update_norm_bound=fed.update_norm_bound,
         eval_every=fed.eval_every,
         resume=True,
+        node_sites=json.dumps({str(node): site for site, node in (node_sites or {}).items()}),
     ).to_run_config()

@@ -114,6 +114,23 @@ def ask_sites(grid: Grid, nodes: list[int], round_record: dict, timeout: float) 
     return info, errors
 
 
+def refuse_impostors(info: dict[int, SiteInfo], keys: dict[int, str]) -> dict[int, str]:
+    """Drop from ``info`` each node whose claimed site id is not the site its key was
+    registered under (a site's YAML names it; only the server's key registry proves it).
+    ``keys`` empty (simulation): every claim stands. Returns the refused nodes' reasons."""
+    if not keys:
+        return {}
+    refused = {}
+    for node in sorted(info):
+        claimed, registered = info[node].site_id, keys.get(node)
+        if claimed != registered:
+            why = f"its key is registered as {registered}" if registered else "its key is not one of the provisioned sites'"
+            refused[node] = f"node {node} claims site {claimed} but {why}; refused"
+            log.warning("%s", refused[node])
+            del info[node]
+    return refused
+
+
 def error_line(reason: str) -> str:
     """The one line of a site's error reply that says what went wrong (its last ``...Error: ...`` line;
     Flower's simulation wraps the ClientApp's exception in an engine traceback)."""
@@ -132,6 +149,7 @@ class Roster:
     excluded: dict[int, str] = field(default_factory=dict)  # node -> why it was left out at the start
     train_nodes: list[int] = field(default_factory=list)
     eval_nodes: list[int] = field(default_factory=list)
+    keys: dict[int, str] = field(default_factory=dict)  # node -> site its key was registered under ({}: trust claims)
 
     def __post_init__(self) -> None:
         names = [i.site_id for i in self.info.values()]
@@ -145,15 +163,18 @@ class Roster:
             raise FederationError("pooled training requested but no pooled node connected" if self.pooled else "no site connected")
 
     @classmethod
-    def discover(cls, grid: Grid, nodes: list[int], round_record: dict, timeout: float, pooled: bool) -> Roster:
-        """Ask every node who it is. A node that cannot say (e.g. a site without one valid case) is left
-        out with its reason logged, and the federation goes on with the others; none answering is fatal."""
+    def discover(cls, grid: Grid, nodes: list[int], round_record: dict, timeout: float, pooled: bool,
+                 keys: dict[int, str] | None = None) -> Roster:
+        """Ask every node who it is. A node that cannot say (e.g. a site without one valid case), or that
+        claims another site than its key's, is left out with its reason logged, and the federation goes
+        on with the others; none left is fatal."""
         info, errors = ask_sites(grid, nodes, round_record, timeout)
-        if errors and not info:
-            raise FederationError("; ".join(f"node {n} failed to describe its site: {e}" for n, e in sorted(errors.items())))
         for node, reason in sorted(errors.items()):
             log.warning("node %d left out of the federation, it failed to describe its site: %s", node, reason)
-        return cls(info, pooled, ignored=set(errors), excluded={n: error_line(e) for n, e in errors.items()})
+        excluded = {n: error_line(e) for n, e in errors.items()} | refuse_impostors(info, keys or {})
+        if not info:
+            raise FederationError("no site left: " + "; ".join(f"node {n} left out: {e}" for n, e in sorted(excluded.items())))
+        return cls(info, pooled, ignored=set(excluded), excluded=excluded, keys=dict(keys or {}))
 
     def site_of(self, node: int) -> str:
         return self.info[node].site_id if node in self.info else f"node-{node}"
@@ -185,6 +206,7 @@ class Roster:
         for node, reason in errors.items():
             log.warning("node %d failed to describe its site, ignored: %s", node, reason)
             self.ignored.add(node)
+        self.ignored.update(refuse_impostors(info, self.keys))
         for node, site in sorted(info.items()):
             old = next((n for n, i in self.info.items() if i.site_id == site.site_id), 0)
             if old and old in online:

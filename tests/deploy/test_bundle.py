@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from client.daemon import SiteConfig
-from server.app_bundle import stage_app
+from server.app_bundle import build_fab, fab_hash, stage_app
 from server.server_config import ServerConfig, run_config
 from server.metrics import StatusCollector, round_status, write_status
 from server.provision import provision
@@ -72,17 +72,25 @@ def test_provision_adds_a_site_and_rotates_a_key_with_the_same_ca(tmp_path):
     assert sorted(yaml.safe_load((tmp_path / "server.yaml").read_text())["sites"]) == SITES
 
 
-def test_staged_app_carries_a_run_config_the_server_app_accepts(tmp_path):
+def test_staged_app_declares_defaults_the_run_config_overrides_and_has_one_hash(tmp_path):
     import tomllib
+
+    from flwr.common.config import flatten_dict, fuse_dicts
 
     provision(tmp_path, "127.0.0.1", SITES)
     cfg = load_config(ServerConfig, tmp_path / "server.yaml")
-    app = stage_app(tmp_path / "app", run_config(cfg, tmp_path / "out"))
+    app = stage_app(tmp_path / "app")
     pyproject = tomllib.loads((app / "pyproject.toml").read_text())
     assert pyproject["tool"]["flwr"]["app"]["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
-    run_cfg = ServerRunConfig.from_run_config(pyproject["tool"]["flwr"]["app"]["config"])
+    # the federation's values (node -> site map included) override the bundle's defaults, as Flower fuses them
+    fused = fuse_dicts(flatten_dict(pyproject["tool"]["flwr"]["app"]["config"]), run_config(cfg, tmp_path / "out", {"site-a": 7}))
+    run_cfg = ServerRunConfig.from_run_config(fused)
     assert run_cfg.min_nodes == 3 and run_cfg.resume and run_cfg.out_dir == str(tmp_path / "out")
+    assert run_cfg.registered_sites == {7: "site-a"}
     assert (app / "client" / "app.py").exists() and not list(app.rglob("__pycache__"))
+    # the bundle does not depend on the federation: one FAB hash per code version, the one provisioned sites approve
+    assert fab_hash(tmp_path / "a") == fab_hash(tmp_path / "b") == build_fab(app)[1]
+    assert yaml.safe_load((tmp_path / "sites" / "site-a.yaml").read_text())["approved-fabs"] == [build_fab(app)[1]]
 
 
 def test_server_metrics_parse_and_carry_the_issue_series(tmp_path):
