@@ -84,3 +84,11 @@ def fab_hash(work: Path) -> str:
         return build_fab(app)[1]
     finally:
         shutil.rmtree(app, ignore_errors=True)
+
+
+def installed_fab_hash() -> str:
+    """The FAB hash of the fedsite installed here: what ``fedsite server`` of this version submits."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fedsite-fab-") as tmp:
+        return fab_hash(Path(tmp))

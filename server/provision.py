@@ -35,6 +35,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from shared_models.durable import atomic_write, atomic_write_text
 from shared_models.protocol import TrainSettings
 
+from .app_bundle import installed_fab_hash
+
 _TRAIN = TrainSettings()
 
 DEFAULT_PORT = 9092
@@ -190,16 +192,6 @@ def site_yaml(site: str, server_host: str, port: int, index: int = 0, approved_f
         "restart-delay": 5.0,
         "approved-fabs": list(approved_fabs),
     }
-
-
-def installed_fab_hash() -> str:
-    """The FAB hash of the fedsite installed here: what ``fedsite server`` of this version submits."""
-    import tempfile
-
-    from .app_bundle import fab_hash
-
-    with tempfile.TemporaryDirectory(prefix="fedsite-fab-") as tmp:
-        return fab_hash(Path(tmp))
 
 
 def provision(out: Path, server_host: str, sites: list[str], port: int = DEFAULT_PORT, extra_hosts: tuple[str, ...] = (), rotate: tuple[str, ...] = ()) -> dict[str, Path]:

@@ -68,6 +68,12 @@ def _provision() -> ModuleType:
     return provision
 
 
+def _fab_hash() -> ModuleType:
+    from server import fab_hash_cli
+
+    return fab_hash_cli
+
+
 def _server() -> ModuleType:
     from server import daemon
 
@@ -107,6 +113,7 @@ COMMANDS: dict[str, tuple[Callable[[], ModuleType], str]] = {
     "bench-norms": (_bench_norms, "time each registered norm against BatchNorm (2D and 3D) and DualNorm-UNet against the UNet"),
     "models": (_models, "list registered models with parameter and MAC counts"),
     "provision": (_provision, "create the federation's CA, server certificate, per-site auth keys, server.yaml and sites/<site>.yaml"),
+    "fab-hash": (_fab_hash, "print the sha256 of the Flower App Bundle this fedsite version submits (a site's approved-fabs)"),
     "server": (_server, "run the aggregation server: SuperLink (TLS, node auth, database) + the configured federation"),
     "client": (_client, "run one site's daemon: a SuperNode with the site's key, data, local state, health and metrics"),
     "predict": (_predict, "segment NIfTI images with a site's personalised model (latest global + its local tensors)"),
