@@ -18,4 +18,5 @@ class _Absent(importlib.abc.MetaPathFinder):
         return None
 
 
-sys.meta_path.insert(0, _Absent())
+if __name__ == "sitecustomize":  # only as the interpreter's start-up hook, never when a test imports ABSENT
+    sys.meta_path.insert(0, _Absent())
