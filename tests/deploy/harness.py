@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+CORE_INSTALL = Path(__file__).resolve().parent / "core_install"  # Ray and matplotlib absent
 ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -72,10 +73,10 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
 
 
 class Proc:
-    def __init__(self, name: str, cmd: list[str], log: Path, cwd: Path):
+    def __init__(self, name: str, cmd: list[str], log: Path, cwd: Path, env: dict[str, str] | None = None):
         self.name, self.log = name, log
         self._fh = open(log, "ab")  # noqa: SIM115
-        self.popen = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, **ENV}, start_new_session=True)
+        self.popen = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, **ENV, **(env or {})}, start_new_session=True)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -89,6 +90,14 @@ class Proc:
         self.popen.wait(10)
 
 
+DEPLOYED = (("client",), ("server",))  # the commands a hospital or the server host runs
+
+
+def core_env() -> dict[str, str]:
+    """A site or server process sees the core dependencies only (see core_install/sitecustomize.py)."""
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(CORE_INSTALL), str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+
+
 class Processes:
     def __init__(self, root: Path):
         self.root = root
@@ -96,7 +105,7 @@ class Processes:
 
     def start(self, name: str, *args: str) -> Proc:
         log = self.root / f"{name}.{sum(p.name == name for p in self.started)}.log"
-        proc = Proc(name, [sys.executable, "-m", "simulations.cli", *args], log, REPO)
+        proc = Proc(name, [sys.executable, "-m", "simulations.cli", *args], log, REPO, core_env() if args[:1] in DEPLOYED else None)
         self.started.append(proc)
         return proc
 
