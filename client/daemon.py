@@ -12,8 +12,13 @@ identified by its ``--node-config`` (a TOML file the daemon writes):
   so a restarted daemon trains on with byte-identical local state; Flower's
   in-memory ``Context.state`` is not used for them.
 - Reconnection: the SuperNode retries a lost SuperLink itself (unbounded, with
-  backoff); if it exits anyway (e.g. the key is not registered yet) the daemon
-  starts it again after ``restart-delay`` seconds, doubling up to 60 s.
+  backoff); if it exits anyway the daemon starts it again after ``restart-delay``
+  seconds, doubling up to 60 s. A key the server refuses ("Failed to activate
+  SuperNode") is not a network fault: after ``max-refusals`` refused starts in a
+  row the daemon exits with code 3 and one line saying so, for systemd or the
+  operator to see (0 = retry forever, e.g. while the key is being registered).
+- Ports: ``health.port`` and ``runtime-port`` are checked before anything starts;
+  one taken is a one-line error naming the key.
 - Only approved code runs: the SuperNode starts no ClientApp itself
   (``--isolation process``); the daemon's :class:`client.fab_gate.TaskGate` runs
   each task only if the sha256 of its FAB is in ``approved-fabs`` and refuses
@@ -44,6 +49,7 @@ from shared_models.config import ConfigError, load_config  # noqa: E402
 from shared_models.durable import atomic_write_text  # noqa: E402
 from shared_models.endpoint import EndpointSection  # noqa: E402
 from shared_models.executables import env_with_interpreter_bin  # noqa: E402
+from shared_models.ports import Listener, check_listeners  # noqa: E402
 
 from .fab_gate import TaskGate, read_refusals  # noqa: E402
 
@@ -53,6 +59,8 @@ NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 RECEIVING = re.compile(r"Receiving: (\w+) message")
 LOST = re.compile(r"Connection attempt failed")
 REGAINED = re.compile(r"Connection successful")
+REFUSED = re.compile(r"Failed to activate SuperNode")
+EXIT_KEY_REFUSED = 3
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,7 @@ class SiteConfig:
     heartbeat_interval: float = 30.0
     restart_delay: float = 5.0
     approved_fabs: tuple[str, ...] = ()  # sha256 of each FAB this site runs (none: no FAB runs)
+    max_refusals: int = 5  # refused starts in a row before the daemon gives up (0 = never)
 
     def __post_init__(self) -> None:
         bad = [h for h in self.approved_fabs if not FAB_HASH.match(h)]
@@ -76,6 +85,8 @@ class SiteConfig:
             raise ConfigError(f"approved-fabs: expected sha256 hex digests (64 lowercase hex characters), got {bad}")
         if not DEVICE.match(self.device):
             raise ConfigError(f"device: expected cpu, cuda, cuda:N or auto, got {self.device!r}")
+        if self.max_refusals < 0:
+            raise ConfigError(f"max-refusals: expected 0 (retry forever) or a positive count, got {self.max_refusals}")
         if not 10 <= self.heartbeat_interval <= 1800:
             raise ConfigError(f"heartbeat-interval: Flower's SuperLink accepts 10..1800 s, got {self.heartbeat_interval}")
 
@@ -116,10 +127,12 @@ def write_node_config(path: Path, values: dict[str, str]) -> Path:
 class Supervisor:
     """Runs the SuperNode, restarts it when it exits, and follows its log."""
 
-    def __init__(self, cmd: list[str], env: dict[str, str], restart_delay: float):
-        self.cmd, self.env, self.restart_delay = cmd, env, restart_delay
+    def __init__(self, cmd: list[str], env: dict[str, str], restart_delay: float, max_refusals: int = 0):
+        self.cmd, self.env, self.restart_delay, self.max_refusals = cmd, env, restart_delay, max_refusals
         self.proc: subprocess.Popen[str] | None = None
         self.restarts = 0
+        self.refusals = 0  # SuperNode starts in a row whose key the server refused
+        self._refused = False  # the current SuperNode's activation was refused
         self.node_id: int | None = None
         self.connected = False
         self.last_message: dict[str, Any] = {}
@@ -140,6 +153,9 @@ class Supervisor:
             if m := NODE_ID.search(line):
                 with self._lock:
                     self.node_id, self.connected = int(m.group(1)), True
+            elif REFUSED.search(line):
+                with self._lock:
+                    self._refused = True
             elif m := RECEIVING.search(line):
                 with self._lock:
                     self.last_message = {"type": m.group(1), "at": time.time()}
@@ -147,11 +163,12 @@ class Supervisor:
                 with self._lock:
                     self.connected = bool(REGAINED.search(line))
 
-    def run(self) -> None:
+    def run(self) -> int:
+        """Supervise until stopped (0) or until the key was refused ``max_refusals`` times in a row (3)."""
         delay = self.restart_delay
         while not self._stop.is_set():
             with self._lock:
-                self.connected = False
+                self.connected, self._refused = False, False
                 self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
             started = time.monotonic()
             follower = threading.Thread(target=self._follow, args=(self.proc,), daemon=True)
@@ -160,10 +177,17 @@ class Supervisor:
             follower.join(timeout=5)
             if self._stop.is_set():
                 break
+            self.refusals = self.refusals + 1 if self._refused else 0
+            if self.max_refusals and self.refusals >= self.max_refusals:
+                print(f"fedsite client: the server refused this site's key {self.refusals} times in a row "
+                      "(Failed to activate SuperNode); is its auth.pub registered in the server's server.yaml? exiting",
+                      file=sys.stderr, flush=True)
+                return EXIT_KEY_REFUSED
             delay = self.restart_delay if time.monotonic() - started > 120 else min(60.0, delay * 2 if self.restarts else delay)
             self.restarts += 1
             print(f"fedsite client: SuperNode exited with code {code}; restarting in {delay:.0f} s", flush=True)
             self._stop.wait(delay)
+        return 0
 
     def stop(self) -> None:
         self._stop.set()
@@ -211,6 +235,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--device: expected cpu, cuda, cuda:N or auto, got {device!r}")
         n_images = check_data_dir(data_dir)
         check_device(device)
+        check_listeners([Listener("health.port", cfg.health.host, cfg.health.port),
+                         Listener("runtime-port", "127.0.0.1", cfg.runtime_port)], str(args.config))
         for name, value in (("root-certificates", cfg.root_certificates), ("auth-private-key", cfg.auth_private_key)):
             if not resolve_path(base, value).is_file():
                 raise ConfigError(f"{name}: {resolve_path(base, value)} not found")
@@ -232,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     env = env_with_interpreter_bin({
         **os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FEDSITE_HEARTBEAT_INTERVAL": str(cfg.heartbeat_interval),
         "FEDSITE_PARENT_PID": str(os.getpid()), "FLWR_HOME": str(state_dir / "flwr-home")})
-    supervisor = Supervisor(cmd, env, cfg.restart_delay)
+    supervisor = Supervisor(cmd, env, cfg.restart_delay, cfg.max_refusals)
     gate = TaskGate(f"127.0.0.1:{cfg.runtime_port}", cfg.approved_fabs, state_dir, cfg.site_id, env)
     threading.Thread(target=gate.run, name="fedsite-task-gate", daemon=True).start()
 
@@ -248,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
           f"connecting to {cfg.superlink} (TLS, key {cfg.auth_private_key}); "
           f"approved FABs: {', '.join(cfg.approved_fabs) or 'none (every run is refused)'}"
           + (f"; health on http://{cfg.health.host}:{cfg.health.port}/health" if http else ""), flush=True)
-    supervisor.run()
+    code = supervisor.run()
+    gate.stop()
     if http is not None:
         http.shutdown()
-    return 0
+    return code

@@ -50,6 +50,7 @@ os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 from shared_models.config import ConfigError, load_config  # noqa: E402
 from shared_models.durable import atomic_write_text  # noqa: E402
 from shared_models.executables import env_with_interpreter_bin  # noqa: E402
+from shared_models.ports import Listener, check_listeners  # noqa: E402
 from shared_models.protocol import FEDERATION_FILE, RESULTS_FILE, STATUS_FILE  # noqa: E402
 
 from .app_bundle import build_fab, stage_app  # noqa: E402
@@ -64,11 +65,26 @@ from .superlink import SuperLink  # noqa: E402
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="server.yaml (from `fedsite provision`)")
     parser.add_argument("--stay-up", action="store_true", help="keep the SuperLink running after the federation")
+    parser.add_argument("--rounds", type=int, help="federated rounds; overrides federation.rounds (e.g. a short pilot)")
+
+
+def check_ports(cfg: ServerConfig, where: str) -> None:
+    """Every port the server will listen on is free, before anything starts (the key named if not)."""
+    sl = cfg.superlink
+    check_listeners([Listener("superlink.port", sl.host, sl.port),
+                     Listener("superlink.internal-port", "127.0.0.1", sl.internal_port),
+                     Listener("superlink.health-port", sl.host, sl.health_port),
+                     Listener("metrics.port", cfg.metrics.host, cfg.metrics.port)], where)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(ServerConfig, args.config)
+        if args.rounds is not None:
+            if args.rounds < 1:
+                raise ConfigError(f"--rounds: expected a positive number of rounds, got {args.rounds}")
+            cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=args.rounds))
+        check_ports(cfg, str(args.config))
     except ConfigError as exc:
         print(f"fedsite server: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,13 @@ One command, run once by the central team on a trusted machine:
 Private keys are written with mode 0600 (created so, never world-readable in
 between). Run again with ``--sites`` naming new sites to add them with the same
 CA, or with ``--rotate SITE`` to replace a site's key pair.
+
+Every port of a bundle is laid out from ``--port`` (P, 9092 by default), so a
+pilot with every site on one host runs from the bundle unedited: P the public
+Fleet port (on ``--listen``, all interfaces by default), P+1 the SuperLink on
+127.0.0.1, P+308 the server's metrics, and for the i-th site P+2+i its
+SuperNode's runtime port and P+408+i its health endpoint (both 127.0.0.1).
+``--site-root`` is where each site keeps ``<site>/data`` and ``<site>/state``.
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ from .app_bundle import installed_fab_hash
 _TRAIN = TrainSettings()
 
 DEFAULT_PORT = 9092
+DEFAULT_SITE_ROOT = "/srv/fedsite"
+# offsets from the bundle's port (P = 9092: metrics 9400, site i runtime 9094 + i, health 9500 + i)
+INTERNAL_OFFSET, RUNTIME_OFFSET, METRICS_OFFSET, HEALTH_OFFSET = 1, 2, 308, 408
+MAX_ONE_HOST_SITES = METRICS_OFFSET - RUNTIME_OFFSET  # beyond this, site runtime ports would reach the metrics port
 CA_DAYS = 3650
 CERT_DAYS = 825
 
@@ -121,13 +132,13 @@ def make_auth_keys() -> tuple[bytes, bytes]:
     return private, public + b"\n"
 
 
-def server_yaml(server_host: str, port: int, sites: dict[str, str]) -> dict[str, Any]:
+def server_yaml(server_host: str, port: int, sites: dict[str, str], listen: str = "0.0.0.0") -> dict[str, Any]:
     """The server's configuration (paths relative to the file)."""
     return {
         "superlink": {
-            "host": "0.0.0.0",
+            "host": listen,
             "port": port,
-            "internal-port": port + 1,
+            "internal-port": port + INTERNAL_OFFSET,
             "public-address": f"{server_host}:{port}",
             "certfile": "server/server.crt",
             "keyfile": "server/server.key",
@@ -138,7 +149,7 @@ def server_yaml(server_host: str, port: int, sites: dict[str, str]) -> dict[str,
         "work-dir": "work",
         "run-name": "fedsite",
         "stay-up": False,
-        "metrics": {"host": "127.0.0.1", "port": 9400},
+        "metrics": {"host": "127.0.0.1", "port": port + METRICS_OFFSET},
         "federation": {
             "rounds": 20,
             "strategy": "fedavg",
@@ -171,7 +182,8 @@ def server_yaml(server_host: str, port: int, sites: dict[str, str]) -> dict[str,
     }
 
 
-def site_yaml(site: str, server_host: str, port: int, index: int = 0, approved_fabs: tuple[str, ...] = ()) -> dict[str, Any]:
+def site_yaml(site: str, server_host: str, port: int, index: int = 0, approved_fabs: tuple[str, ...] = (),
+              site_root: str = DEFAULT_SITE_ROOT) -> dict[str, Any]:
     """One site's configuration (paths relative to the file); no other site's data.
 
     ``index`` (the site's place in the bundle) gives each site its own local ports,
@@ -183,19 +195,21 @@ def site_yaml(site: str, server_host: str, port: int, index: int = 0, approved_f
         "superlink": f"{server_host}:{port}",
         "root-certificates": f"{site}/ca.crt",
         "auth-private-key": f"{site}/auth.key",
-        "data-dir": f"/srv/fedsite/{site}/data",
-        "state-dir": f"/srv/fedsite/{site}/state",
+        "data-dir": str(Path(site_root) / site / "data"),
+        "state-dir": str(Path(site_root) / site / "state"),
         "device": "cpu",
-        "health": {"host": "127.0.0.1", "port": 9500 + index},
-        "runtime-port": 9094 + index,
+        "health": {"host": "127.0.0.1", "port": port + HEALTH_OFFSET + index},
+        "runtime-port": port + RUNTIME_OFFSET + index,
         "heartbeat-interval": 30,
         "restart-delay": 5.0,
         "approved-fabs": list(approved_fabs),
     }
 
 
-def provision(out: Path, server_host: str, sites: list[str], port: int = DEFAULT_PORT, extra_hosts: tuple[str, ...] = (), rotate: tuple[str, ...] = ()) -> dict[str, Path]:
-    """Create (or extend) the federation bundle under ``out``; returns the files written."""
+def provision(out: Path, server_host: str, sites: list[str], port: int = DEFAULT_PORT, extra_hosts: tuple[str, ...] = (),
+              rotate: tuple[str, ...] = (), listen: str = "0.0.0.0", site_root: str = DEFAULT_SITE_ROOT) -> dict[str, Path]:
+    """Create (or extend) the federation bundle under ``out``; returns the files written.
+    ``listen`` and ``port`` apply to a new bundle; an existing one keeps its server.yaml's."""
     written: dict[str, Path] = {}
     ca_key_path, ca_cert_path = out / "ca" / "ca.key", out / "ca" / "ca.crt"
     if ca_key_path.exists():
@@ -217,7 +231,7 @@ def provision(out: Path, server_host: str, sites: list[str], port: int = DEFAULT
     write_public(server_dir / "ca.crt", ca_pem)
 
     server_file = out / "server.yaml"
-    config = yaml.safe_load(server_file.read_text()) if server_file.exists() else server_yaml(server_host, port, {})
+    config = yaml.safe_load(server_file.read_text()) if server_file.exists() else server_yaml(server_host, port, {}, listen)
     known: dict[str, str] = dict(config.get("sites") or {})
     approved: tuple[str, ...] = ()
     for site in dict.fromkeys([*sites, *rotate]):
@@ -235,8 +249,10 @@ def provision(out: Path, server_host: str, sites: list[str], port: int = DEFAULT
         site_file = out / "sites" / f"{site}.yaml"
         if not site_file.exists():
             index = list(dict.fromkeys([*known, site])).index(site)
+            if index >= MAX_ONE_HOST_SITES:
+                raise ValueError(f"site {site}: at most {MAX_ONE_HOST_SITES} sites get distinct local ports in one bundle")
             approved = approved or (installed_fab_hash(),)
-            site_cfg = site_yaml(site, server_host, int(config["superlink"]["port"]), index, approved)
+            site_cfg = site_yaml(site, server_host, int(config["superlink"]["port"]), index, approved, site_root)
             atomic_write_text(site_file, yaml.safe_dump(site_cfg, sort_keys=False))
         written[site] = site_file
     config["sites"] = known
@@ -253,6 +269,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sites", required=True, help="comma-separated site ids (new ones are added to an existing bundle)")
     parser.add_argument("--out", type=Path, required=True, help="bundle folder (CA, certificates, keys, YAMLs)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"SuperLink port (default {DEFAULT_PORT})")
+    parser.add_argument("--listen", default="0.0.0.0",
+                        help="address the public Fleet port binds (default all interfaces; 127.0.0.1 for a one-host pilot)")
+    parser.add_argument("--site-root", default=DEFAULT_SITE_ROOT,
+                        help=f"folder holding each site's <site>/data and <site>/state (default {DEFAULT_SITE_ROOT})")
     parser.add_argument("--san", action="append", default=[], help="extra host name/IP for the server certificate (repeatable)")
     parser.add_argument("--rotate", default="", help="comma-separated sites whose key pair is replaced")
 
@@ -261,7 +281,8 @@ def run(args: argparse.Namespace) -> int:
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     rotate = tuple(s.strip() for s in args.rotate.split(",") if s.strip())
     try:
-        written = provision(args.out, args.server_host, sites, args.port, tuple(args.san), rotate)
+        site_root = str(Path(args.site_root).expanduser().resolve())
+        written = provision(args.out, args.server_host, sites, args.port, tuple(args.san), rotate, args.listen, site_root)
     except (ValueError, OSError) as exc:
         print(f"fedsite provision: {exc}", file=sys.stderr)
         return 2

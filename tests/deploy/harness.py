@@ -173,6 +173,7 @@ def make_federation(root: Path, sites: list[str], rogue: str | None, federation:
             "runtime-port": free_port(),
             "heartbeat-interval": heartbeat,
             "restart-delay": 2.0 if name != rogue else 20.0,
+            "max-refusals": 2,
         })
         path.write_text(yaml.safe_dump(site, sort_keys=False))
     return {"bundle": bundle, "data": data, "server": server, "health_ports": ports, "work": bundle / "work"}

@@ -4,7 +4,8 @@ One federation, three rounds, with faults injected as in production:
 
 1. TLS + SuperNode authentication: the three provisioned sites join; a fourth
    daemon whose key was provisioned by the same CA but never registered is
-   refused and never receives a training message.
+   refused and never receives a training message; after two refused starts
+   its daemon exits with code 3 instead of retrying forever.
 2. ``/metrics`` of the server and of a site parse with prometheus-client and
    carry the issue's series.
 3. Site crash: SIGKILL of one site's whole process tree while it trains round 2;
@@ -84,6 +85,9 @@ def test_tls_auth_federation_survives_a_site_crash_and_a_server_crash(tmp_path, 
     m["seconds_until_three_sites_connected"] = round(time.monotonic() - t0, 1)
     wait_for(lambda: "Failed to activate SuperNode" in rogue.text(), 60, "the unregistered key to be refused", [rogue])
     assert http_get(health["rogue"] + "/health")[0] == 503
+    # ... and after `max-refusals` (2) refused starts in a row its daemon gives up with exit code 3
+    wait_for(lambda: rogue.popen.poll() is not None, 120, "the refused daemon to exit", [rogue])
+    assert rogue.popen.returncode == 3 and "refused this site's key 2 times in a row" in rogue.text()
 
     # 2. after round 1: /metrics on the server and on a site
     wait_for(lambda: 1 in checkpoint_rounds(work), 300, "round 1", everyone)
