@@ -23,7 +23,8 @@ identified by its ``--node-config`` (a TOML file the daemon writes):
   (``--isolation process``); the daemon's :class:`client.fab_gate.TaskGate` runs
   each task only if the sha256 of its FAB is in ``approved-fabs`` and refuses
   (error reply, log line, ``refused_fabs`` on ``/health``) any other.
-- ``/health`` (200 when the SuperNode runs and is connected, else 503) and
+- ``/health`` (200 when the SuperNode's own gRPC health service answers SERVING and
+  its log reports it connected, else 503; ``client/supernode_health.py``) and
   ``/metrics`` (``client/site_metrics.py``) on ``health.host:health.port``.
 """
 
@@ -49,9 +50,11 @@ from shared_models.config import ConfigError, load_config  # noqa: E402
 from shared_models.durable import atomic_write_text  # noqa: E402
 from shared_models.endpoint import EndpointSection  # noqa: E402
 from shared_models.executables import env_with_interpreter_bin  # noqa: E402
-from shared_models.ports import Listener, check_listeners  # noqa: E402
+from shared_models.json_logs import LOG_FORMATS, add_log_fields, use_log_format  # noqa: E402
+from shared_models.ports import Listener, check_listeners, free_loopback_port  # noqa: E402
 
 from .fab_gate import TaskGate, read_refusals  # noqa: E402
+from .supernode_health import SERVING, UNREACHABLE, probe  # noqa: E402
 
 DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|auto)$")
 FAB_HASH = re.compile(r"^[0-9a-f]{64}$")
@@ -133,6 +136,7 @@ class Supervisor:
         self.restarts = 0
         self.refusals = 0  # SuperNode starts in a row whose key the server refused
         self._refused = False  # the current SuperNode's activation was refused
+        self.health_address = ""  # the current SuperNode's own gRPC health service (127.0.0.1)
         self.node_id: int | None = None
         self.connected = False
         self.last_message: dict[str, Any] = {}
@@ -140,10 +144,15 @@ class Supervisor:
         self._lock = threading.Lock()
 
     def snapshot(self) -> dict[str, Any]:
+        """The SuperNode's state: its own health service's answer, and the connection its log reports."""
         with self._lock:
             running = self.proc is not None and self.proc.poll() is None
-            return {"running": running, "connected": running and self.connected, "node_id": self.node_id,
+            snap = {"running": running, "connected": running and self.connected, "node_id": self.node_id,
                     "restarts": self.restarts, "last_message": dict(self.last_message), "pid": self.proc.pid if running else None}
+            address = self.health_address
+        snap["supernode_health"] = probe(address) if running and address else UNREACHABLE
+        snap["connected"] = snap["connected"] and snap["supernode_health"] == SERVING
+        return snap
 
     def _follow(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
@@ -169,7 +178,9 @@ class Supervisor:
         while not self._stop.is_set():
             with self._lock:
                 self.connected, self._refused = False, False
-                self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+                self.health_address = f"127.0.0.1:{free_loopback_port()}"
+                cmd = [*self.cmd, "--health-server-address", self.health_address]
+                self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
             started = time.monotonic()
             follower = threading.Thread(target=self._follow, args=(self.proc,), daemon=True)
             follower.start()
@@ -219,14 +230,17 @@ def serve_health(host: str, port: int, site: str, supervisor: Supervisor, state_
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text", help="text (default) or json: one JSON object per line")
     parser.add_argument("--config", type=Path, required=True, help="site.yaml (from `fedsite provision`)")
     parser.add_argument("--data", type=Path, help="this site's data folder (images/, labels/); overrides data-dir")
     parser.add_argument("--device", help="cpu | cuda | cuda:N | auto; overrides the config")
 
 
 def run(args: argparse.Namespace) -> int:
+    use_log_format(args.log_format, "fedsite-client")
     try:
         cfg = load_config(SiteConfig, args.config)
+        add_log_fields(site=cfg.site_id)
         base = args.config.resolve().parent
         data_dir = args.data.resolve() if args.data else resolve_path(base, cfg.data_dir)
         state_dir = resolve_path(base, cfg.state_dir)

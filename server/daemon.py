@@ -50,6 +50,7 @@ os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 from shared_models.config import ConfigError, load_config  # noqa: E402
 from shared_models.durable import atomic_write_text  # noqa: E402
 from shared_models.executables import env_with_interpreter_bin  # noqa: E402
+from shared_models.json_logs import LOG_FORMATS, add_log_fields, use_log_format  # noqa: E402
 from shared_models.ports import Listener, check_listeners  # noqa: E402
 from shared_models.protocol import FEDERATION_FILE, RESULTS_FILE, STATUS_FILE  # noqa: E402
 
@@ -63,6 +64,7 @@ from .superlink import SuperLink  # noqa: E402
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text", help="text (default) or json: one JSON object per line")
     parser.add_argument("--config", type=Path, required=True, help="server.yaml (from `fedsite provision`)")
     parser.add_argument("--stay-up", action="store_true", help="keep the SuperLink running after the federation")
     parser.add_argument("--rounds", type=int, help="federated rounds; overrides federation.rounds (e.g. a short pilot)")
@@ -78,8 +80,10 @@ def check_ports(cfg: ServerConfig, where: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    use_log_format(args.log_format, "fedsite-server")
     try:
         cfg = load_config(ServerConfig, args.config)
+        add_log_fields(run=cfg.run_name)
         if args.rounds is not None:
             if args.rounds < 1:
                 raise ConfigError(f"--rounds: expected a positive number of rounds, got {args.rounds}")

@@ -6,21 +6,14 @@ Fleet API through :mod:`server.fleet_proxy`, the daemon the Control API here.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 from pathlib import Path
 
 from shared_models.executables import console_script
+from shared_models.ports import free_loopback_port
 
 from .child_process import stop_child
 from .server_config import ServerConfig, resolve
-
-
-def free_loopback_port() -> int:
-    """A port free on 127.0.0.1 now (the SuperLink binds it a moment later)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class SuperLink:

@@ -47,3 +47,10 @@ def check_listeners(listeners: Iterable[Listener], where: str) -> None:
         if not _bindable(item.host, item.port):
             raise ConfigError(f"{item.key}: port {item.port} on {item.host or '0.0.0.0'} is in use by another process; "
                               f"stop it or choose another port in {where}")
+
+
+def free_loopback_port() -> int:
+    """A port free on 127.0.0.1 now, for a child that binds it a moment later (loopback-only services)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

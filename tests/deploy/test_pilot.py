@@ -97,6 +97,8 @@ def test_three_sites_on_one_host_run_from_the_bundle_unedited_with_bad_cases_at_
     health = {s: yaml.safe_load((bundle / "sites" / f"{s}.yaml").read_text())["health"]["port"] for s in SITES}
     assert len(set(health.values())) == len(SITES)
     wait_for(lambda: all(http_get(f"http://127.0.0.1:{health[s]}/health")[0] == 200 for s in SITES), 180, "three sites connected", everyone)
+    for s in SITES:  # "running" is the SuperNode's own answer (its gRPC health service), not a guess
+        assert json.loads(http_get(f"http://127.0.0.1:{health[s]}/health")[1])["supernode_health"] == "SERVING"
     wait_for(lambda: server.popen.poll() is not None, 480, "the server to finish the run", everyone)
     assert server.popen.returncode == 0, server.text()[-3000:]
 

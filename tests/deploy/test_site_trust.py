@@ -73,6 +73,7 @@ def test_a_borrowed_site_id_and_an_unapproved_fab_are_refused(tmp_path, procs, m
     wait_for(lambda: line in server.text(), 30, "the refusal in the server log", [server])
     assert json.loads((tmp_path / "state" / "site-a" / "site_metrics.json").read_text())["recent"]  # site-a's ClientApp trained
     assert _health(fed, "site-a")["refused_fabs"] == []
+    assert _health(fed, "site-a")["supernode_health"] == "SERVING"  # the SuperNode's own health service answered
 
     # 2. a run with a changed FAB, started on the server host: no site installs or imports it
     fab, changed = _changed_fab(tmp_path)
