@@ -43,19 +43,20 @@ def quiet_flower(verbose: bool) -> None:
 
 
 def run_simulated_federation(
-    run_config: dict[str, Any], num_nodes: int, num_cpus: float = 1.0, num_gpus: float = 0.0, verbose: bool = False
+    run_config: dict[str, Any], num_nodes: int, num_cpus: float = 1.0, num_gpus: float = 0.0, verbose: bool = False,
+    ray_address: str = "",
 ) -> dict[str, Any]:
     """Run the ServerApp with ``run_config`` against ``num_nodes`` simulated sites.
 
-    Each virtual site gets ``num_cpus``/``num_gpus`` of the machine (Ray
-    resources); returns the federation result the ServerApp wrote.
+    Each virtual site gets ``num_cpus``/``num_gpus`` of the machine, or of the
+    Ray cluster at ``ray_address`` (Ray resources); returns the federation
+    result the ServerApp wrote.
     """
     quiet_flower(verbose)
     os.environ["FEDSITE_THREADS"] = str(max(1, int(num_cpus)))
-    total_cpus = os.cpu_count() or 1
     backend_config = {
         "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
-        "init_args": {"num_cpus": total_cpus, "num_gpus": _gpu_count() if num_gpus > 0 else 0, "include_dashboard": False},
+        "init_args": ray_init_args(ray_address, num_gpus > 0),
     }
     start_ray(backend_config["init_args"])
     out_file = Path(run_config["out-dir"]) / FEDERATION_FILE
@@ -73,6 +74,20 @@ def run_simulated_federation(
     if not out_file.exists():
         raise RuntimeError(f"the federation did not finish (no {out_file}); see the log above")
     return json.loads(out_file.read_text())
+
+
+def ray_init_args(address: str, want_gpus: bool) -> dict[str, Any]:
+    """``ray.init`` arguments: join the cluster at ``address``, or start a local instance of our own.
+
+    ``address="local"`` makes Ray start a new instance even when another cluster's
+    address is recorded on this machine (a user's own, or one stopped without
+    ``ray stop``); without it Ray would join that cluster and then refuse the
+    ``num_cpus`` we give. A cluster's resources are its own: none are given.
+    """
+    if address:
+        return {"address": address}
+    return {"address": "local", "num_cpus": os.cpu_count() or 1, "num_gpus": _gpu_count() if want_gpus else 0,
+            "include_dashboard": False}
 
 
 def start_ray(init_args: dict[str, Any]) -> None:

@@ -126,6 +126,8 @@ class ExperimentConfig:
     transport_dtype: str = "fp32"  # fp32 | fp16 | bf16: the dtype shared tensors travel in, both ways
     eval_statistics: str = "refresh"  # refresh: site statistics re-estimated under the final weights; stored: as the papers
     client_resources: Resources = field(default_factory=Resources)
+    # a running Ray cluster (HOST:PORT) the simulated sites run on; "": a local Ray instance of this run's own
+    ray_address: str = ""
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]

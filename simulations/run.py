@@ -67,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score with site norm statistics re-estimated under the final weights (refresh, default) "
                              "or as stored by the last local training (stored, as the papers)")
     parser.add_argument("--cpus-per-site", type=float, help="CPU share of each simulated site")
+    parser.add_argument("--ray-address", help="HOST:PORT of a running Ray cluster to run the sites on "
+                                              "(default: a local Ray instance of this run's own, whatever else runs here)")
     parser.add_argument("--gpus-per-site", type=float, help="GPU share of each simulated site (e.g. 0.25)")
     parser.add_argument("--holdout", help="a site that never trains; scored after each adaptation option")
     parser.add_argument("--out", type=Path, default=Path("runs/simulate"), help="output folder (default: runs/simulate)")
@@ -104,6 +106,7 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
         transport_dtype=args.transport_dtype,
         holdout=args.holdout,
         client_resources=resources,
+        ray_address=args.ray_address,
     )
 
 
@@ -225,7 +228,8 @@ def run_cell(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Path, si
     run_config["resume"] = claim_cell_dir(cell_dir, identity, code, data_fp)  # same identity: an interrupted run
     nodes = len(train_sites) + (1 if METHODS[cell.arm.method].pooled else 0)
     t0 = time.perf_counter()
-    fed = run_simulated_federation(run_config, nodes, cfg.client_resources.num_cpus, cfg.client_resources.num_gpus, verbose)
+    fed = run_simulated_federation(run_config, nodes, cfg.client_resources.num_cpus, cfg.client_resources.num_gpus, verbose,
+                                   ray_address=cfg.ray_address)
     run = run_record(cell, fed, time.perf_counter() - t0)
     if cfg.holdout:
         from .adapt import adapt_and_score
