@@ -1,5 +1,7 @@
 """Experiment matrix expansion and flag overrides (no federation runs here)."""
 
+from pathlib import Path
+
 import pytest
 
 from shared_models.config import ConfigError, from_dict
@@ -75,3 +77,17 @@ def test_fine_tuning_methods_train_as_many_epochs_as_every_other_method():
     assert finetune_budget(METHODS["fedbn-ft"], 20, 1) == (16, 4)
     assert finetune_budget(METHODS["fedbn"], 20, 1) == (20, 0)
     assert finetune_budget(METHODS["fedbn-ft"], 1, 1) == (1, 0)  # one round leaves nothing to split
+
+
+def test_site_local_norms_combine_with_a_server_optimizer():
+    """fedbn-avgm / fedbn-adam: FedBN's partition (norm tensors stay local) and a server optimizer on the shared ones."""
+    import json as _json
+
+    from simulations.experiment import Arm, Cell, ExperimentConfig
+    from simulations.run import run_config_for
+
+    spec = {"name": "unet", "channels": [4, 8], "norm": "batch", "spatial-dims": 2, "in-channels": 1, "out-channels": 3}
+    cfg = ExperimentConfig(rounds=2, lr=3e-3, batch_size=4, device="cpu", methods=("fedbn-avgm", "fedbn-adam"), seeds=(0,))
+    for method, strategy in [("fedbn-avgm", "fedavgm"), ("fedbn-adam", "fedadam"), ("fedbn", "fedavg")]:
+        config = run_config_for(cfg, cfg.data, Cell("data", method, Arm(method), spec, 0), Path("/data"), ["site-a"], Path("/out"))
+        assert (config["policy"], config["strategy"], _json.loads(config["strategy-options"])) == ("fedbn", strategy, {})
