@@ -46,6 +46,7 @@ from typing import Any
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+from shared_models.child_process import start_child, stop_child  # noqa: E402
 from shared_models.config import ConfigError, load_config  # noqa: E402
 from shared_models.durable import atomic_write_text  # noqa: E402
 from shared_models.endpoint import EndpointSection  # noqa: E402
@@ -180,7 +181,7 @@ class Supervisor:
                 self.connected, self._refused = False, False
                 self.health_address = f"127.0.0.1:{free_loopback_port()}"
                 cmd = [*self.cmd, "--health-server-address", self.health_address]
-                self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+                self.proc = start_child(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
             started = time.monotonic()
             follower = threading.Thread(target=self._follow, args=(self.proc,), daemon=True)
             follower.start()
@@ -204,12 +205,8 @@ class Supervisor:
         self._stop.set()
         with self._lock:
             proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # the SuperNode deactivates itself at the SuperLink
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if proc is not None:
+            stop_child(proc, 15)  # SIGTERM first: the SuperNode deactivates itself at the SuperLink
 
 
 def serve_health(host: str, port: int, site: str, supervisor: Supervisor, state_dir: Path, approved: tuple[str, ...]) -> ThreadingHTTPServer:

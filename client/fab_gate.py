@@ -104,17 +104,20 @@ class TaskGate:
         cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--runtime-api-address", self.address,
                "--state-dir", str(self.state_dir), "--site", self.site, "--parent-pid", str(os.getpid()), "--run-id", str(run_id),
                *(a for h in self.approved for a in ("--approved", h))]
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, env=self.env)
+        from shared_models.child_process import start_child  # in the daemon only: the runner imports no app package
+
+        proc = start_child(cmd, stdin=subprocess.PIPE, env=self.env)
         assert proc.stdin is not None
         proc.stdin.write(token.encode() + b"\n")
         proc.stdin.close()
         self.runners.append(proc)
 
     def stop(self) -> None:
+        from shared_models.child_process import stop_child
+
         self._stop.set()
         for proc in self.runners:
-            if proc.poll() is None:
-                proc.terminate()
+            stop_child(proc, 10)
 
 
 def refuse(flower: Any, client: Any, message: Any, context: Any, args: argparse.Namespace, digest: str, fab_id: str) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from shared_models.durable import atomic_write_text
 
-from .child_process import stop_child
+from shared_models.child_process import start_child, stop_child
 from .server_config import DaemonError
 
 FLEET_PREFIX = "/v1/fleet/"
@@ -123,7 +123,7 @@ class FleetProxy:
         nginx = find_nginx()
         cmd = [nginx, "-c", str(self.conf), "-p", str(self.prefix), "-e", str(self.prefix / "error.log"), "-g", "daemon off;"]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (lives as long as the process)
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = start_child(cmd, stdout=self._log, stderr=subprocess.STDOUT)
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -12,7 +12,7 @@ from pathlib import Path
 from shared_models.executables import console_script
 from shared_models.ports import free_loopback_port
 
-from .child_process import stop_child
+from shared_models.child_process import start_child, stop_child
 from .server_config import ServerConfig, resolve
 
 
@@ -42,7 +42,7 @@ class SuperLink:
         self.log_path = work / "superlink.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (lives as long as the process)
         # Same process group as the daemon: a signal to the group (Ctrl-C, systemd, docker) reaches both.
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.proc = start_child(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
