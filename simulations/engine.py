@@ -44,19 +44,20 @@ def quiet_flower(verbose: bool) -> None:
 
 def run_simulated_federation(
     run_config: dict[str, Any], num_nodes: int, num_cpus: float = 1.0, num_gpus: float = 0.0, verbose: bool = False,
-    ray_address: str = "",
+    ray_address: str = "", ray_cpus: int | None = None,
 ) -> dict[str, Any]:
     """Run the ServerApp with ``run_config`` against ``num_nodes`` simulated sites.
 
     Each virtual site gets ``num_cpus``/``num_gpus`` of the machine, or of the
-    Ray cluster at ``ray_address`` (Ray resources); returns the federation
+    Ray cluster at ``ray_address`` (Ray resources; a local instance holds
+    ``ray_cpus`` cores, default all of them); returns the federation
     result the ServerApp wrote.
     """
     quiet_flower(verbose)
     os.environ["FEDSITE_THREADS"] = str(max(1, int(num_cpus)))
     backend_config = {
         "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
-        "init_args": ray_init_args(ray_address, num_gpus > 0),
+        "init_args": ray_init_args(ray_address, num_gpus > 0, ray_cpus),
     }
     start_ray(backend_config["init_args"])
     out_file = Path(run_config["out-dir"]) / FEDERATION_FILE
@@ -76,7 +77,7 @@ def run_simulated_federation(
     return json.loads(out_file.read_text())
 
 
-def ray_init_args(address: str, want_gpus: bool) -> dict[str, Any]:
+def ray_init_args(address: str, want_gpus: bool, num_cpus: int | None = None) -> dict[str, Any]:
     """``ray.init`` arguments: join the cluster at ``address``, or start a local instance of our own.
 
     ``address="local"`` makes Ray start a new instance even when another cluster's
@@ -86,7 +87,7 @@ def ray_init_args(address: str, want_gpus: bool) -> dict[str, Any]:
     """
     if address:
         return {"address": address}
-    return {"address": "local", "num_cpus": os.cpu_count() or 1, "num_gpus": _gpu_count() if want_gpus else 0,
+    return {"address": "local", "num_cpus": num_cpus or os.cpu_count() or 1, "num_gpus": _gpu_count() if want_gpus else 0,
             "include_dashboard": False}
 
 

@@ -128,6 +128,7 @@ class ExperimentConfig:
     client_resources: Resources = field(default_factory=Resources)
     # a running Ray cluster (HOST:PORT) the simulated sites run on; "": a local Ray instance of this run's own
     ray_address: str = ""
+    parallel_cells: int = 1  # federations run at the same time (each its own process and Ray); 0: as many as the cores hold
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -143,6 +144,8 @@ class ExperimentConfig:
             raise ConfigError(f"loss: unknown loss {self.loss!r} (known: {', '.join(LOSSES)})")
         if self.rounds < 1 or self.local_epochs < 1:
             raise ConfigError("rounds and local-epochs must be >= 1")
+        if self.parallel_cells < 0:
+            raise ConfigError(f"parallel-cells: expected 0 (automatic) or a count >= 1, got {self.parallel_cells}")
         if self.eval_statistics not in EVAL_STATISTICS_MODES:
             raise ConfigError(f"eval-statistics: expected one of {list(EVAL_STATISTICS_MODES)}, got {self.eval_statistics!r}")
         for key, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("transport_dtype", TRANSPORT_DTYPES)):

@@ -23,6 +23,17 @@ from types import FrameType
 
 SHUTDOWN_TIMEOUT_S = 10.0
 _ACTIVE: list[Callable[[int, FrameType | None], None]] = []  # the handlers installed, innermost last
+_ON_STOP: list[Callable[[], None]] = []  # what else a stop ends first (the workers of a parallel matrix)
+
+
+def on_stop(action: Callable[[], None]) -> None:
+    """Run ``action`` when a signal stops the experiment, before the process exits."""
+    _ON_STOP.append(action)
+
+
+def remove_on_stop(action: Callable[[], None]) -> None:
+    if action in _ON_STOP:
+        _ON_STOP.remove(action)
 
 
 def _stop_ray() -> None:
@@ -38,6 +49,8 @@ def _stop_ray() -> None:
 def stop(signum: int, resume_hint: str) -> None:
     """Say how to resume, shut Ray down (bounded) and exit 128 + ``signum``."""
     print(f"\nfedsite simulate: stopped by signal {signum}; {resume_hint}", file=sys.stderr, flush=True)
+    for action in list(_ON_STOP):
+        action()
     stopper = threading.Thread(target=_stop_ray, daemon=True)
     stopper.start()
     stopper.join(SHUTDOWN_TIMEOUT_S)

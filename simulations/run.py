@@ -69,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-site", type=float, help="CPU share of each simulated site")
     parser.add_argument("--ray-address", help="HOST:PORT of a running Ray cluster to run the sites on "
                                               "(default: a local Ray instance of this run's own, whatever else runs here)")
+    parser.add_argument("--parallel-cells", type=int, help="federations of the matrix run at the same time, each in "
+                        "its own process and Ray instance with its share of the cores (default 1; 0: as many as the cores hold)")
     parser.add_argument("--gpus-per-site", type=float, help="GPU share of each simulated site (e.g. 0.25)")
     parser.add_argument("--holdout", help="a site that never trains; scored after each adaptation option")
     parser.add_argument("--out", type=Path, default=Path("runs/simulate"), help="output folder (default: runs/simulate)")
@@ -107,6 +109,7 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
         holdout=args.holdout,
         client_resources=resources,
         ray_address=args.ray_address,
+        parallel_cells=args.parallel_cells,
     )
 
 
@@ -212,7 +215,8 @@ def degradation(fed: dict[str, Any], sites: list[str]) -> str | None:
     return f"no final score for {missing}" if missing else None
 
 
-def run_cell(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Path, sites: list[str], out: Path, verbose: bool) -> tuple[dict[str, Any], bool]:
+def run_cell(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Path, sites: list[str], out: Path, verbose: bool,
+             ray_cpus: int | None = None) -> tuple[dict[str, Any], bool]:
     """Run one federation (or reuse its finished record); returns (run record, reused)."""
     from .cell_identity import cell_identity, claim_cell_dir, code_version, data_fingerprint
     from .engine import run_simulated_federation
@@ -229,7 +233,7 @@ def run_cell(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Path, si
     nodes = len(train_sites) + (1 if METHODS[cell.arm.method].pooled else 0)
     t0 = time.perf_counter()
     fed = run_simulated_federation(run_config, nodes, cfg.client_resources.num_cpus, cfg.client_resources.num_gpus, verbose,
-                                   ray_address=cfg.ray_address)
+                                   ray_address=cfg.ray_address, ray_cpus=ray_cpus)
     run = run_record(cell, fed, time.perf_counter() - t0)
     if cfg.holdout:
         from .adapt import adapt_and_score
@@ -281,9 +285,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"fedsite simulate: {len(cells)} federations ({len(datasets)} dataset(s) x {len(cfg.all_arms)} arm(s) x "
           f"{len(cfg.models) or 1} model(s) x {len(cfg.norms) or 1} norm(s) x {len(cfg.seeds)} seed(s)); "
           f"{cfg.rounds} rounds of {cfg.local_epochs} local epoch(s)", flush=True)
-    progress = Progress(len(cells), time.perf_counter())
     hint = (f"run the same command again to resume (finished cells are kept, the interrupted one "
             f"continues after its last checkpoint in {out / 'runs'})")
+    progress = Progress(len(cells), time.perf_counter(), resume_hint=hint)
     with interrupt.guard(hint):
         for name, data in datasets.items():
             single = len(datasets) == 1
@@ -300,6 +304,7 @@ class Progress:
     total: int
     started: float
     done: int = 0
+    resume_hint: str = ""  # what a stopped worker of a parallel matrix says
 
 
 def run_dataset(cfg: ExperimentConfig, name: str, data: DataConfig, ds_out: Path, progress: Progress, verbose: bool, label: str) -> int:
@@ -325,18 +330,11 @@ def run_dataset(cfg: ExperimentConfig, name: str, data: DataConfig, ds_out: Path
         return 2
     print(f"dataset {name}: {len(sites)} sites ({', '.join(sites)}), {num_classes} classes, {spatial_dims}D"
           + (f"; held out: {cfg.holdout}" if cfg.holdout else ""), flush=True)
-    runs = []
-    for cell in (c for c in cfg.cells() if c.dataset == name):
-        progress.done += 1
-        cell = replace(cell, model={**cell.model, "spatial-dims": spatial_dims, "in-channels": resolve_in_channels(cell.model, channels), "out-channels": num_classes})
-        print(f"[{progress.done}/{progress.total}] {cell.label} seed {cell.seed} ...", flush=True)
-        try:
-            record, reused = run_cell(cfg, data, cell, root, sites, ds_out, verbose)
-        except Exception as exc:  # the engine re-raises the ServerApp's exception
-            print(f"fedsite simulate: {cell.label} seed {cell.seed} failed: {exc}", file=sys.stderr)
-            return 1
-        runs.append(record)
-        print(f"      mean Dice {record['mean_dice']:.4f}" + ("  (finished earlier, reused)" if reused else f"  ({record['wall_s']:.1f} s)"), flush=True)
+    cells = [replace(c, model={**c.model, "spatial-dims": spatial_dims, "in-channels": resolve_in_channels(c.model, channels),
+                               "out-channels": num_classes}) for c in cfg.cells() if c.dataset == name]
+    runs = run_cells(cfg, data, cells, root, sites, ds_out, progress, verbose)
+    if runs is None:
+        return 1
     eval_sites = [s for s in sites if s != cfg.holdout]
     results = {
         "experiment": label,
@@ -355,6 +353,34 @@ def run_dataset(cfg: ExperimentConfig, name: str, data: DataConfig, ds_out: Path
     page = write_report_page(ds_out, results, cfg, data, root)
     print(f"\nresults: {ds_out / RESULTS_FILE}, {ds_out / 'results.md'}, {page}  (total {results['wall_s']:.0f} s)")
     return 0
+
+
+def run_cells(cfg: ExperimentConfig, data: DataConfig, cells: list[Cell], root: Path, sites: list[str], ds_out: Path,
+              progress: Progress, verbose: bool) -> list[dict[str, Any]] | None:
+    """Every cell's record in matrix order (``parallel-cells`` at a time), or None when one failed (said why)."""
+    from .cell_pool import CellFailed, CellJob, auto_parallel, run_jobs
+
+    jobs = [CellJob(cfg, data, c, root, tuple(sites), ds_out, verbose) for c in cells]
+    train_sites = len([s for s in sites if s != cfg.holdout])
+    parallel = cfg.parallel_cells or auto_parallel(cfg, train_sites, len(jobs))
+    first = progress.done
+    if parallel > 1:
+        print(f"      {len(jobs)} federations, {parallel} at a time (each in its own process and Ray instance)", flush=True)
+
+    def started(i: int) -> None:
+        progress.done = first + i + 1
+        print(f"[{first + i + 1}/{progress.total}] {cells[i].label} seed {cells[i].seed} ...", flush=True)
+
+    def done(i: int, record: dict[str, Any], reused: bool) -> None:
+        tag = f"{cells[i].label} seed {cells[i].seed}: " if parallel > 1 else ""
+        print(f"      {tag}mean Dice {record['mean_dice']:.4f}"
+              + ("  (finished earlier, reused)" if reused else f"  ({record['wall_s']:.1f} s)"), flush=True)
+
+    try:
+        return run_jobs(jobs, parallel, progress.resume_hint, started, done)
+    except CellFailed as exc:
+        print(f"fedsite simulate: {cells[exc.index].label} seed {cells[exc.index].seed} failed: {exc}", file=sys.stderr)
+        return None
 
 
 def write_extra_reports(out: Path, results: dict[str, Any]) -> None:
