@@ -172,7 +172,9 @@ def run_federation(grid: Grid, cfg: ServerRunConfig) -> FederationResult:
         if rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds:
             final = rnd == cfg.num_rounds
             eval_cfg = dataclasses.replace(round_cfg, with_hd95=final, finetune_epochs=cfg.finetune_epochs if final else 0)
+            t_eval = time.perf_counter()
             entry["dice"] = evaluate_sites(grid, fed, eval_cfg)
+            entry["evaluate_s"] = time.perf_counter() - t_eval
         entry.update({c: getattr(fed.result, c) - before[c] for c in TRAFFIC})
         fed.end_round(entry)
     result = fed.result

@@ -60,6 +60,9 @@ def online_targets(grid: Grid, nodes: list[int], quorum: int, wait_seconds: floa
         time.sleep(0.5)
 
 
+FIRST_POLL_S = 0.02  # the first wait between pulls; it doubles up to ``poll``
+
+
 def collect_replies(
     grid: Grid, messages: list[Message], timeout: float, quorum: int, grace: float, poll: float = 0.5
 ) -> tuple[list[Message], list[int]]:
@@ -69,7 +72,9 @@ def collect_replies(
     A node that dies mid-round comes back as an error reply (Flower's
     NODE_UNAVAILABLE, after 2 missed heartbeats) whose source is the SuperLink,
     so every reply's ``src_node_id`` is set to the node the message went to.
-    Returns the replies and the nodes that sent none.
+    Returns the replies and the nodes that sent none. The wait between pulls starts
+    short and doubles up to ``poll`` (again short after each reply), so a fast round
+    is not rounded up to the next ``poll``.
     """
     targets = [m.metadata.dst_node_id for m in messages]
     ids = list(grid.push_messages(messages))
@@ -77,9 +82,11 @@ def collect_replies(
     pending = set(origin)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
-    quorum_at = None
+    quorum_at, wait = None, min(FIRST_POLL_S, poll)
     while pending:
-        for reply in grid.pull_messages(list(pending)):
+        pulled = list(grid.pull_messages(list(pending)))
+        wait = min(FIRST_POLL_S, poll) if pulled else min(wait * 2, poll)
+        for reply in pulled:
             mid = reply.metadata.reply_to_message_id
             pending.discard(mid)
             if reply.has_error() and mid in origin and reply.metadata.src_node_id != origin[mid]:
@@ -90,7 +97,7 @@ def collect_replies(
             quorum_at = now
         if not pending or now >= deadline or (grace >= 0 and quorum_at is not None and now - quorum_at >= grace):
             break
-        time.sleep(poll)
+        time.sleep(wait)
     return replies, sorted({origin[m] for m in pending} | {n for n, mid in zip(targets, ids) if not mid})
 
 

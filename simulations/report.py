@@ -118,7 +118,7 @@ def rounds_csv(results: dict[str, Any]) -> str:
     for run in results["runs"]:
         for entry in run.get("history", []):
             dice, loss = entry.get("dice", {}), entry.get("train_loss", {})
-            seconds = entry.get("train_s", 0.0) + entry.get("aggregate_s", 0.0)
+            seconds = entry.get("train_s", 0.0) + entry.get("aggregate_s", 0.0) + entry.get("evaluate_s", 0.0)
             traffic = entry.get("bytes_sent", 0) + entry.get("bytes_received", 0)
             for site in sorted(set(dice) | set(loss)):
                 writer.writerow([entry["round"], run["method"], run["seed"], site, dice.get(site, ""), loss.get(site, ""),
