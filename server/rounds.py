@@ -105,8 +105,7 @@ class Federation:
         split = partition(model, policy)
         state = model.state_dict()
         base = cfg.round_config(fingerprint)
-        expected = cfg.min_nodes or (len(cfg.site_list) + (1 if cfg.pooled else 0)) or 1
-        nodes = wait_for_nodes(grid, expected, cfg.wait_seconds, minimum=min(expected, max(1, cfg.min_train_nodes)))
+        nodes = wait_for_sites(grid, cfg)
         roster = Roster.discover(grid, nodes, base.to_record(), cfg.round_timeout, cfg.pooled, cfg.registered_sites)
         log.info("sites: %s", roster.describe())
         log.info("policy %s: %d shared, %d site-local tensors; strategy %s", policy.name, len(split.shared), len(split.local), cfg.strategy)
@@ -139,6 +138,23 @@ class Federation:
         dice, losses = entry.get("dice", {}), entry["train_loss"]
         log.info("round %d/%d: %d site(s), train loss %.4f, mean Dice %.4f %s", rnd, self.cfg.num_rounds, len(losses),
                  _mean(losses.values()), _mean(dice.values()), " ".join(f"{s}={d:.3f}" for s, d in sorted(dice.items())))
+
+
+SIMULATED_NODES_WAIT_S = 30.0  # virtual SuperNodes exist from the start: waiting longer finds no more
+
+
+def wait_for_sites(grid: Grid, cfg: ServerRunConfig) -> list[int]:
+    """The nodes to federate. With ``sites=`` (simulated nodes) there must be one per site (and the pooled node)."""
+    expected = cfg.min_nodes or (len(cfg.site_list) + (1 if cfg.pooled else 0)) or 1
+    if not cfg.site_list:
+        return wait_for_nodes(grid, expected, cfg.wait_seconds, minimum=min(expected, max(1, cfg.min_train_nodes)))
+    try:
+        return wait_for_nodes(grid, expected, min(cfg.wait_seconds, SIMULATED_NODES_WAIT_S))
+    except FederationError as exc:
+        raise FederationError(
+            f"sites= names {len(cfg.site_list)} site(s) ({cfg.sites}){' and a pooled node' if cfg.pooled else ''}, "
+            f"but {exc}; with `flwr run`, give the simulation that many: "
+            f"`flwr federation simulation-config --num-supernodes {expected}`, then `flwr run` again") from exc
 
 
 def _mean(values: Any) -> float:
