@@ -220,6 +220,7 @@ def run_cell(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Path, si
     """Run one federation (or reuse its finished record); returns (run record, reused)."""
     from .cell_identity import cell_identity, claim_cell_dir, code_version, data_fingerprint
     from .engine import run_simulated_federation
+    from .memory_watch import PeakTreeMemory
 
     cell_dir = out / "runs" / cell.name
     train_sites = [s for s in sites if s != cfg.holdout]
@@ -232,9 +233,11 @@ def run_cell(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Path, si
     run_config["resume"] = claim_cell_dir(cell_dir, identity, code, data_fp)  # same identity: an interrupted run
     nodes = len(train_sites) + (1 if METHODS[cell.arm.method].pooled else 0)
     t0 = time.perf_counter()
-    fed = run_simulated_federation(run_config, nodes, cfg.client_resources.num_cpus, cfg.client_resources.num_gpus, verbose,
-                                   ray_address=cfg.ray_address, ray_cpus=ray_cpus)
+    with PeakTreeMemory() as peak:  # the driver and its Ray workers: what a federation of N sites needs
+        fed = run_simulated_federation(run_config, nodes, cfg.client_resources.num_cpus, cfg.client_resources.num_gpus, verbose,
+                                       ray_address=cfg.ray_address, ray_cpus=ray_cpus)
     run = run_record(cell, fed, time.perf_counter() - t0)
+    run["peak_memory_bytes"] = peak.bytes
     if cfg.holdout:
         from .adapt import adapt_and_score
 

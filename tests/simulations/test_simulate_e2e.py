@@ -62,6 +62,8 @@ def test_fedbn_simulation_no_local_key_leaves_a_site(tmp_path, spy_replies):
     assert all(0.0 <= v["dice"] <= 1.0 and v["n_test"] == 2 for v in run["per_site"].values())
     assert run["mean_dice"] == pytest.approx(np.mean([v["dice"] for v in run["per_site"].values()]))
     assert run["bytes_sent"] > 0 and run["bytes_received"] > 0
+    # the driver and its Ray workers together: more than the driver alone ever holds
+    assert run["peak_memory_bytes"] > 2 * 2**20 * 300
     assert results["summary"]["fedbn"]["per_site"]["site-a"] == pytest.approx(run["per_site"]["site-a"]["dice"])
     assert "| fedbn |" in (out / "results.md").read_text()
     # One checkpoint per round, atomically written.
