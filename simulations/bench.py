@@ -85,48 +85,96 @@ def bench_trainer(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) ->
 
 
 def bench_simulation(args: argparse.Namespace, root: Path, sites: list[str]) -> dict[str, Any]:
+    """The FedBN federation on Flower's engine against the same work serially; where each round's time went."""
     from .engine import run_simulated_federation
-    from .run import run_config_for
     from .experiment import Arm, Cell, ExperimentConfig
+    from .run import run_config_for
 
     spec = {"name": "unet", "channels": list(args.channels), "norm": "batch", "spatial-dims": 2, "in-channels": 1, "out-channels": 4}
     cfg = ExperimentConfig(rounds=args.rounds, lr=TrainSettings().lr, batch_size=args.batch_size, device=args.device,
                            methods=("fedbn",), seeds=(0,))
-    cell = args.out / "sim"
-    run_config = run_config_for(cfg, cfg.data, Cell("data", "fedbn", Arm("fedbn"), spec, 0), root, sites, cell)
+    run_config = run_config_for(cfg, cfg.data, Cell("data", "fedbn", Arm("fedbn"), spec, 0), root, sites, args.out / "sim")
     started = time.perf_counter()
     fed = run_simulated_federation(run_config, len(sites), num_cpus=1.0)
     sim_wall = time.perf_counter() - started
+    serial = serial_federation(args, root, sites, spec, cfg.lr)
+    serverapp = fed["wall_s"]  # the ServerApp's own wall time excludes engine start-up
+    return {
+        "simulation_wall_s": sim_wall,
+        "serverapp_wall_s": serverapp,
+        "engine_startup_s": sim_wall - serverapp,
+        "serial_wall_s": serial["wall_s"],
+        "serial_phases_s": serial["phases_s"],
+        "ratio": sim_wall / serial["wall_s"],
+        "ratio_excluding_startup": serverapp / serial["wall_s"],
+        "rounds": args.rounds,
+        "sites": len(sites),
+        "profile": round_profile(fed, sim_wall, serial, len(sites)),
+    }
 
-    # The same work, serially in this process: every round, every site trains its
-    # epoch and scores its test split (no Flower, no messages, no processes).
+
+def serial_federation(args: argparse.Namespace, root: Path, sites: list[str], spec: dict[str, Any], lr: float) -> dict[str, Any]:
+    """The simulation's work in one process and one thread, no Flower: every round, every site trains its
+    epoch (same recipe, optimizer continued), re-estimates its site-local statistics and scores its test split."""
+    from shared_models import partition
+    from shared_models.partition import Policy
+
+    from client.refresh import refresh_statistics
+
     torch.set_num_threads(1)
     data = {s: load_site(root / s, num_classes=4) for s in sites}
     tensors = {s: (to_batch_tensors(np.stack([c.image for c in d.train]), np.stack([c.label for c in d.train])),
                    to_batch_tensors(np.stack([c.image for c in d.test]), np.stack([c.label for c in d.test]))) for s, d in data.items()}
     models = {s: build_model(spec, seed=0) for s in sites}
-    settings = TrainSettings(epochs=1, lr=cfg.lr, batch_size=args.batch_size, device=args.device)
+    split = partition(models[sites[0]], Policy.parse("fedbn", {}))
+    settings = TrainSettings(epochs=1, lr=lr, batch_size=args.batch_size, device=args.device)
     optimizers: dict[str, StoredOptimizer | None] = dict.fromkeys(sites)
+    phases = {"train": 0.0, "refresh": 0.0, "evaluate": 0.0}
     started = time.perf_counter()
     for rnd in range(args.rounds):
         for s in sites:
             (x, y), (xt, yt) = tensors[s]
+            t0 = time.perf_counter()
             report = train_local(models[s], x, y, settings, segmentation_loss(), position=RoundPosition(rnd + 1, args.rounds),
                                  optimizer_state=optimizers[s])
             optimizers[s] = StoredOptimizer(report.optimizer_state, rnd + 1, s)
+            t1 = time.perf_counter()
+            refresh_statistics(models[s], x, split, args.batch_size, torch.device(args.device))
+            t2 = time.perf_counter()
             evaluate_dice(models[s], xt, yt, 4, args.device)
-    serial_wall = time.perf_counter() - started
-    startup = fed["wall_s"]  # the ServerApp's own wall time excludes engine start-up
-    return {
-        "simulation_wall_s": sim_wall,
-        "serverapp_wall_s": startup,
-        "engine_startup_s": sim_wall - startup,
-        "serial_wall_s": serial_wall,
-        "ratio": sim_wall / serial_wall,
-        "ratio_excluding_startup": startup / serial_wall,
-        "rounds": args.rounds,
-        "sites": len(sites),
-    }
+            t3 = time.perf_counter()
+            phases["train"] += t1 - t0
+            phases["refresh"] += t2 - t1
+            phases["evaluate"] += t3 - t2
+    return {"wall_s": time.perf_counter() - started, "phases_s": phases}
+
+
+def round_profile(fed: dict[str, Any], sim_wall: float, serial: dict[str, Any], n_sites: int) -> list[dict[str, Any]]:
+    """Where the simulation's wall time went, next to the serial loop's seconds for the same work."""
+    history = fed["history"]
+    train = sum(e.get("train_s", 0.0) for e in history)
+    evaluate = sum(e.get("evaluate_s", 0.0) for e in history)
+    aggregate = sum(e.get("aggregate_s", 0.0) for e in history)
+    rest = fed["wall_s"] - train - evaluate - aggregate
+    site_loops = sum(sum(e.get("site_train_s", {}).values()) for e in history)
+    phases = serial["phases_s"]
+    return [
+        {"part": "engine start-up (Ray, actors)", "simulation_s": sim_wall - fed["wall_s"], "serial_s": 0.0},
+        {"part": "training phase (send, train, reply)", "simulation_s": train, "serial_s": phases["train"]},
+        {"part": "  of which the sites' training loops (sum over sites)", "simulation_s": site_loops, "serial_s": phases["train"]},
+        {"part": "evaluation phase (statistics refresh, scoring)", "simulation_s": evaluate,
+         "serial_s": phases["refresh"] + phases["evaluate"]},
+        {"part": "aggregation", "simulation_s": aggregate, "serial_s": 0.0},
+        {"part": "site discovery, checkpoints, status", "simulation_s": rest, "serial_s": 0.0},
+    ]
+
+
+def profile_table(profile: list[dict[str, Any]], rounds: int) -> str:
+    lines = ["| part | simulation s | per round | serial s | per round |", "|---|---|---|---|---|"]
+    for row in profile:
+        sim, ser = row["simulation_s"], row["serial_s"]
+        lines.append(f"| {row['part']} | {sim:.2f} | {sim / rounds:.3f} | {ser:.2f} | {ser / rounds:.3f} |")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -152,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"simulation: {s['simulation_wall_s']:.1f} s on Flower's engine ({s['engine_startup_s']:.1f} s engine start-up) "
               f"vs {s['serial_wall_s']:.1f} s serial in one process: ratio {s['ratio']:.2f} "
               f"({s['ratio_excluding_startup']:.2f} without start-up)")
+        print(profile_table(s["profile"], s["rounds"]))
     atomic_write_text(args.out / "bench.json", json.dumps(results, indent=2))
     print(f"written: {args.out / 'bench.json'}")
     return 0
