@@ -4,8 +4,11 @@
    against a hand-written PyTorch loop, same model, data, batches and seed.
    Interleaved repetitions, median samples/s of each, ratio ours/plain.
 2. Simulation overhead: a full FedBN federation on Flower's simulation engine
-   against the same local training and evaluation done serially in one process,
-   ratio simulation/serial wall time (the engine's start-up is reported apart).
+   against the same work done serially in one process and one thread (each round,
+   each site: its epoch, the refresh of its site-local statistics, its scoring),
+   ratio simulation/serial wall time (the engine's start-up is reported apart),
+   and a profile: the seconds of each part of the simulation next to the serial
+   loop's for the same work (the sites' own training loops apart from the phase).
 """
 
 from __future__ import annotations
