@@ -57,6 +57,7 @@ class FederationResult:
     tensor_bytes_sent: int = 0  # tensor data only, in the transport dtype
     tensor_bytes_received: int = 0
     wall_s: float = 0.0
+    start_s: float = 0.0  # waiting for the sites, asking them who they are, resuming
     resumed_from: int = 0
     config: dict[str, Any] = field(default_factory=dict)  # the run config, to rebuild any site's model later
     left_out: dict[str, str] = field(default_factory=dict)  # node -> why it could not join at the start
@@ -178,6 +179,7 @@ def run_federation(grid: Grid, cfg: ServerRunConfig) -> FederationResult:
     _ensure_logging()
     started = time.perf_counter()
     fed = Federation.start(grid, cfg)
+    fed.result.start_s = time.perf_counter() - started
     for rnd in range(fed.first_round, cfg.num_rounds + 1):
         round_cfg = fed.round_config(rnd)
         if not cfg.pooled:

@@ -64,7 +64,7 @@ FIRST_POLL_S = 0.02  # the first wait between pulls; it doubles up to ``poll``
 
 
 def collect_replies(
-    grid: Grid, messages: list[Message], timeout: float, quorum: int, grace: float, poll: float = 0.5
+    grid: Grid, messages: list[Message], timeout: float, quorum: int, grace: float, poll: float = 0.1
 ) -> tuple[list[Message], list[int]]:
     """Push ``messages`` and pull replies until all arrived, or ``grace`` seconds after
     ``quorum`` successful replies (``grace`` < 0: no early close), or ``timeout``.

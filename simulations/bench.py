@@ -168,7 +168,8 @@ def round_profile(fed: dict[str, Any], sim_wall: float, serial: dict[str, Any], 
         {"part": "evaluation phase (statistics refresh, scoring)", "simulation_s": evaluate,
          "serial_s": phases["refresh"] + phases["evaluate"]},
         {"part": "aggregation", "simulation_s": aggregate, "serial_s": 0.0},
-        {"part": "site discovery, checkpoints, status", "simulation_s": rest, "serial_s": 0.0},
+        {"part": "waiting for and asking the sites (start)", "simulation_s": fed.get("start_s", 0.0), "serial_s": 0.0},
+        {"part": "checkpoints, status, between phases", "simulation_s": rest - fed.get("start_s", 0.0), "serial_s": 0.0},
     ]
 
 
