@@ -92,6 +92,7 @@ def prepare_model(message: Message, context: Context, evaluating: bool = False) 
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Local training round; replies with shared tensors and training metrics."""
+    called = time.perf_counter()
     cfg, paths, sm = prepare_model(message, context)
     data = site_inputs(paths, cfg)
     if data.num_train == 0:
@@ -116,10 +117,12 @@ def train(message: Message, context: Context) -> Message:
         "gpu_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
         **(sm.loaded_local or {"local_state_checksum": None, "local_state_round": None}),
     })
-    metrics = TrainMetrics(data.num_train, report.loss, report.seconds, report.samples / max(report.seconds, 1e-9))
+    arrays = shared_record(sm.model, sm.split, paths.site, cfg.transport_dtype)
+    metrics = TrainMetrics(data.num_train, report.loss, report.seconds, report.samples / max(report.seconds, 1e-9),
+                           time.perf_counter() - called)
     content = RecordDict(
         {
-            P.ARRAYS: shared_record(sm.model, sm.split, paths.site, cfg.transport_dtype),
+            P.ARRAYS: arrays,
             P.METRICS: MetricRecord(metrics.to_record()),
             P.CONFIG: ConfigRecord({P.SITE_ID: paths.site, P.FINGERPRINT: sm.fingerprint}),
         }

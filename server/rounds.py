@@ -235,6 +235,7 @@ def train_round(grid: Grid, fed: Federation, round_cfg: RoundConfig) -> dict[str
         "train_loss": {roster.site_of_reply(r): float(r.content[P.METRICS].get(P.LOSS, float("nan"))) for r in replies},
         # the sites' own training loops, without messaging and state I/O (the round profile of `fedsite bench`)
         "site_train_s": {roster.site_of_reply(r): float(r.content[P.METRICS].get(P.TRAIN_SECONDS, 0.0)) for r in replies},
+        "site_app_s": {roster.site_of_reply(r): float(r.content[P.METRICS].get(P.APP_SECONDS, 0.0)) for r in replies},
         "rejected": {rej.site: rej.reason for rej in rejections},
         "failed": sorted(roster.site_of_reply(r) for r in raw if r.has_error()),
         "no_reply": sorted(roster.site_of(n) for n in missing),

@@ -84,6 +84,7 @@ NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
 LOSS = "loss"
 TRAIN_SECONDS = "train-seconds"
 SAMPLES_PER_SECOND = "samples-per-second"
+APP_SECONDS = "app-seconds"
 DICE = "dice"
 DICE_PER_CLASS = "dice-per-class"
 DICE_PER_CASE = "dice-per-case"  # flat, case-major: one value per (test case, foreground class)
@@ -263,17 +264,19 @@ class TrainMetrics:
     loss: float
     train_seconds: float
     samples_per_second: float = 0.0
+    app_seconds: float = 0.0  # the whole ClientApp call: model build, state I/O, training, reply
 
     def to_record(self) -> dict[str, Any]:
         return {NUM_EXAMPLES: self.num_examples, LOSS: self.loss, TRAIN_SECONDS: self.train_seconds,
-                SAMPLES_PER_SECOND: self.samples_per_second}
+                SAMPLES_PER_SECOND: self.samples_per_second, APP_SECONDS: self.app_seconds}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> TrainMetrics:
         return cls(**read_fields(cls, _TRAIN_METRIC_KEYS, record))
 
 
-_TRAIN_METRIC_KEYS = {NUM_EXAMPLES: "num_examples", LOSS: "loss", TRAIN_SECONDS: "train_seconds", SAMPLES_PER_SECOND: "samples_per_second"}
+_TRAIN_METRIC_KEYS = {NUM_EXAMPLES: "num_examples", LOSS: "loss", TRAIN_SECONDS: "train_seconds", SAMPLES_PER_SECOND: "samples_per_second",
+                      APP_SECONDS: "app_seconds"}
 
 
 @dataclass(frozen=True)

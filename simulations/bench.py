@@ -160,11 +160,13 @@ def round_profile(fed: dict[str, Any], sim_wall: float, serial: dict[str, Any], 
     aggregate = sum(e.get("aggregate_s", 0.0) for e in history)
     rest = fed["wall_s"] - train - evaluate - aggregate
     site_loops = sum(sum(e.get("site_train_s", {}).values()) for e in history)
+    site_apps = sum(sum(e.get("site_app_s", {}).values()) for e in history)
     phases = serial["phases_s"]
     return [
         {"part": "engine start-up (Ray, actors)", "simulation_s": sim_wall - fed["wall_s"], "serial_s": 0.0},
         {"part": "training phase (send, train, reply)", "simulation_s": train, "serial_s": phases["train"]},
-        {"part": "  of which the sites' training loops (sum over sites)", "simulation_s": site_loops, "serial_s": phases["train"]},
+        {"part": "  the sites' ClientApp calls (sum over sites)", "simulation_s": site_apps, "serial_s": phases["train"]},
+        {"part": "  of which their training loops", "simulation_s": site_loops, "serial_s": phases["train"]},
         {"part": "evaluation phase (statistics refresh, scoring)", "simulation_s": evaluate,
          "serial_s": phases["refresh"] + phases["evaluate"]},
         {"part": "aggregation", "simulation_s": aggregate, "serial_s": 0.0},

@@ -15,7 +15,7 @@ from simulations.experiment import ExperimentConfig, Resources
 from tests.helpers import TINY_EXPERIMENT
 
 REPO = Path(__file__).resolve().parents[2]
-TIMINGS = ("wall_s", "train_s", "aggregate_s", "evaluate_s", "site_train_s", "start_s", "peak_memory_bytes", "command")  # what two runs of the same code may differ in
+TIMINGS = ("wall_s", "train_s", "aggregate_s", "evaluate_s", "site_train_s", "site_app_s", "start_s", "peak_memory_bytes", "command")  # what two runs of the same code may differ in
 
 
 def _without_timings(value):
