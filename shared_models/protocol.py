@@ -146,12 +146,24 @@ class TrainSettings:
         return parse_sizes(self.target_spacing, TARGET_SPACING, float)
 
 
+def size_problem(values) -> str | None:
+    """Why ``values`` is not a patch size or spacing (2 or 3 positive numbers), or None: the one rule for both
+    a config's list and a round's comma-separated string."""
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return "expected numbers"
+    if len(numbers) not in (2, 3) or any(v <= 0 for v in numbers):
+        return "expected 2 or 3 positive sizes"
+    return None
+
+
 def check_sizes(values, key: str) -> None:
     """A config's ``patch-size``/``target-spacing``: empty, or 2 or 3 positive numbers (ConfigError naming ``key``)."""
     from .config import ConfigError
 
-    if values and (len(values) not in (2, 3) or any(float(v) <= 0 for v in values)):
-        raise ConfigError(f"{key}: expected [] or 2 or 3 positive sizes, got {list(values)}")
+    if values and (problem := size_problem(values)):
+        raise ConfigError(f"{key}: {problem} (or []), got {list(values)}")
 
 
 def parse_sizes(text: str, key: str, kind: type) -> tuple:
@@ -162,8 +174,8 @@ def parse_sizes(text: str, key: str, kind: type) -> tuple:
         values = tuple(kind(v) for v in text.split(","))
     except ValueError as exc:
         raise ProtocolError(f"{key}: expected comma-separated numbers, got {text!r}") from exc
-    if len(values) not in (2, 3) or any(v <= 0 for v in values):
-        raise ProtocolError(f"{key}: expected 2 or 3 positive sizes, got {text!r}")
+    if problem := size_problem(values):
+        raise ProtocolError(f"{key}: {problem}, got {text!r}")
     return values
 
 

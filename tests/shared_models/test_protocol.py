@@ -145,4 +145,6 @@ def test_a_malformed_patch_size_in_a_config_is_refused_naming_its_key() -> None:
         ExperimentConfig(methods=("fedbn",), target_spacing=(1.0,))
     with pytest.raises(ConfigError, match="federation.patch-size"):
         FederationSection(model={}, patch_size=(32,))
+    with pytest.raises(ConfigError, match="^patch-size: expected numbers"):  # built in code, not through the typed loader
+        ExperimentConfig(methods=("fedbn",), patch_size=("a", 32))
     assert ExperimentConfig(methods=("fedbn",), patch_size=(), target_spacing=(1.5, 1.5, 3.0)).patch_size == ()
