@@ -41,7 +41,7 @@ class SuperLink:
             cmd += ["--health-server-address", f"{link.host}:{link.health_port}"]
         self.log_path = work / "superlink.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (lives as long as the process)
-        # Same process group as the daemon: a signal to the group (Ctrl-C, systemd, docker) reaches both.
+        # A session of its own: the daemon stops it, then what it started (Flower's SuperExec and ServerApp runner).
         self.proc = start_child(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def alive(self) -> bool:

@@ -55,14 +55,14 @@ def end_processes(processes: list[Process], grace: float = LEFTOVER_GRACE_S) -> 
 
 def descendants(pid: int) -> list[Process]:
     """Every process below ``pid`` now, whatever its session (Linux ``/proc``; elsewhere none)."""
-    table = _process_table()
+    children: dict[int, list[Process]] = {}
+    for child, (ppid, start, _) in _process_table().items():
+        children.setdefault(ppid, []).append((child, start))
     out, todo = [], [pid]
     while todo:
-        parent = todo.pop()
-        for child, (ppid, start, _) in table.items():
-            if ppid == parent:
-                out.append((child, start))
-                todo.append(child)
+        below = children.get(todo.pop(), [])
+        out.extend(below)
+        todo.extend(child for child, _ in below)
     return out
 
 

@@ -92,10 +92,10 @@ def run_jobs(jobs: list[CellJob], parallel: int, hint: str, on_start: Callable[[
     stop_pool = _stopper(pool)
     interrupt.on_stop(stop_pool)
     try:
-        pending = []
+        pending, ray_cpus = [], ray_cpus_per_worker(parallel)
         for i, job in enumerate(jobs):
             on_start(i)
-            pending.append(pool.apply_async(run_job, (job, ray_cpus_per_worker(parallel))))
+            pending.append(pool.apply_async(run_job, (job, ray_cpus)))
         records = []
         for i, result in enumerate(pending):
             try:
