@@ -105,7 +105,8 @@ def train(message: Message, context: Context) -> Message:
     stored = optim_store.load(fingerprint=sm.fingerprint, optimizer=settings.optimizer,
                               before_round=cfg.server_round) if settings.persist_optimizer else None
     report = train_batches(sm.model, data.batches(settings), settings, loss_fn, global_shared,
-                         position=RoundPosition(cfg.server_round, cfg.num_rounds), optimizer_state=stored)
+                         position=RoundPosition(cfg.server_round, cfg.num_rounds, cfg.finetune_epochs, cfg.train.epochs),
+                           optimizer_state=stored)
     if settings.persist_optimizer:  # kept at the site: the reply below carries the shared tensors only
         optim_store.save(report.optimizer_state, fingerprint=sm.fingerprint, optimizer=settings.optimizer, round_=cfg.server_round)
     if sm.split.local:
@@ -153,7 +154,11 @@ def deploy_site_model(sm: SiteModel, cfg: RoundConfig, paths: SitePaths, data: S
     """Make the model this evaluation scores, and store it as the site would deploy it (`fedsite predict`)."""
     finetuned = cfg.finetune_epochs > 0 and data.num_train > 0
     if finetuned:
-        finetune(sm.model, data.batches, cfg)
+        stored = None
+        if cfg.train.persist_optimizer:
+            stored = OptimizerStateStore(paths.state_dir, cfg.run_name, paths.site).load(
+                fingerprint=sm.fingerprint, optimizer=cfg.train.optimizer, before_round=cfg.server_round + 1)
+        finetune(sm.model, data.batches, cfg, stored)
     if cfg.eval_statistics == "refresh" and has_local_statistics(sm.split) and data.num_train:
         images = data.statistics_images(cfg.train.seed)
         refresh_statistics(sm.model, images, sm.split, cfg.train.batch_size, resolve_device(cfg.train.device))

@@ -17,6 +17,8 @@ import torch
 from shared_models.losses import make_loss
 from shared_models.protocol import RoundConfig, TrainSettings
 
+from .optim_state import StoredOptimizer
+from .schedule import TailPosition
 from .site_state import PERSONAL_FILE, SiteStateStore
 from .trainer import BatchSource, TrainReport, train_batches
 
@@ -30,10 +32,18 @@ def finetune_settings(cfg: RoundConfig):
                                seed=cfg.train.seed * 100_003 + cfg.server_round + _FINETUNE_SEED_OFFSET)
 
 
-def finetune(model: torch.nn.Module, batches: Callable[[TrainSettings], BatchSource], cfg: RoundConfig) -> TrainReport:
-    """Train every tensor of ``model`` in place on the site's training split (``batches(settings)``)."""
+def finetune(model: torch.nn.Module, batches: Callable[[TrainSettings], BatchSource], cfg: RoundConfig,
+             optimizer_state: StoredOptimizer | None = None) -> TrainReport:
+    """Train every tensor of ``model`` in place on the site's training split (``batches(settings)``).
+
+    The fine-tuning is the tail of the rounds' learning-rate schedule (their schedule
+    spans it, see :class:`client.schedule.RoundPosition`) and continues the site's
+    optimizer state: restarting both at the base rate would undo the federated model.
+    """
     settings = finetune_settings(cfg)
-    return train_batches(model, batches(settings), settings, make_loss(cfg.loss, model, seed=settings.seed))
+    position = TailPosition(cfg.num_rounds, cfg.train.epochs, cfg.finetune_epochs)
+    return train_batches(model, batches(settings), settings, make_loss(cfg.loss, model, seed=settings.seed),
+                         position=position, optimizer_state=optimizer_state)
 
 
 def personal_store(state_dir, run_name: str, site: str) -> SiteStateStore:

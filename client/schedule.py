@@ -44,16 +44,39 @@ def lr_factor(schedule: str, step: int, total: int, warmup_fraction: float = 0.0
 
 @dataclass(frozen=True)
 class RoundPosition:
-    """Where this round's local steps lie in the federation (a lone call: round 1 of 1)."""
+    """Where this round's local steps lie in the federation (a lone call: round 1 of 1).
+
+    ``tail_epochs`` of site fine-tuning may follow the last round (``-ft`` methods): the
+    schedule then spans them too, so the rounds do not decay to 0 and the fine-tuning
+    continues the same schedule (:class:`TailPosition`) instead of restarting it.
+    """
 
     server_round: int = 1
     num_rounds: int = 1
+    tail_epochs: int = 0
+    round_epochs: int = 1
 
     def span(self, steps_per_round: int) -> tuple[int, int]:
-        """(global step of this round's first step, total steps of the federation)."""
+        """(global step of this round's first step, total steps of the federation and its tail)."""
         rnd = max(self.server_round, 1)
         rounds = max(self.num_rounds, rnd)  # an unknown or exceeded length ends the schedule with this round
-        return (rnd - 1) * steps_per_round, rounds * steps_per_round
+        tail = round(self.tail_epochs * steps_per_round / max(self.round_epochs, 1))
+        return (rnd - 1) * steps_per_round, rounds * steps_per_round + tail
+
+
+@dataclass(frozen=True)
+class TailPosition:
+    """The site's fine-tuning after ``num_rounds`` rounds of ``round_epochs`` epochs: its steps end the schedule."""
+
+    num_rounds: int
+    round_epochs: int
+    tail_epochs: int
+
+    def span(self, tail_steps: int) -> tuple[int, int]:
+        """(global step of the fine-tuning's first step, total steps); ``tail_steps`` covers ``tail_epochs`` epochs."""
+        steps_per_epoch = tail_steps / max(self.tail_epochs, 1)
+        first = round(self.num_rounds * self.round_epochs * steps_per_epoch)
+        return first, first + tail_steps
 
 
 class LrSchedule:

@@ -32,7 +32,7 @@ from shared_models.protocol import TrainSettings
 from .augment import Augmenter
 from .optim_recipe import build_optimizer
 from .optim_state import StoredOptimizer, restore
-from .schedule import LrSchedule, RoundPosition
+from .schedule import LrSchedule, RoundPosition, TailPosition
 
 
 class TrainingDivergedError(RuntimeError):
@@ -150,7 +150,7 @@ def train_batches(
     global_shared: Mapping[str, torch.Tensor] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     *,
-    position: RoundPosition = RoundPosition(),
+    position: RoundPosition | TailPosition = RoundPosition(),
     optimizer_state: StoredOptimizer | None = None,
 ) -> TrainReport:
     """Train ``model`` in place for ``settings.epochs`` epochs of ``source``.

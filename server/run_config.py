@@ -148,6 +148,7 @@ class ServerRunConfig:
             split_seed=self.split_seed,
             eval_statistics=self.eval_statistics,
             transport_dtype=self.transport_dtype,
+            finetune_epochs=self.finetune_epochs,  # training: the schedule spans them; evaluation: only the final one fine-tunes
             sim_sites=tuple(self.site_list),
             sim_data_dir=self.data_dir,
             sim_state_dir=self.state_dir,

@@ -203,7 +203,8 @@ class RoundConfig:
     # "stored" scores with the statistics of the last local training (what the papers report)
     eval_statistics: str = "refresh"
     # evaluation: epochs of local fine-tuning of every tensor before scoring (personalisation; the server
-    # asks for it at the final evaluation only); the fine-tuned model never leaves the site
+    # asks for it at the final evaluation only); the fine-tuned model never leaves the site.
+    # training: the rounds' learning-rate schedule spans these epochs after the last round
     finetune_epochs: int = 0
     with_fingerprint: bool = False  # query: the site also answers with its SiteFingerprint
     transport_dtype: str = "fp32"  # fp32 | fp16 | bf16, both ways; each side upcasts to its model's dtype on receipt

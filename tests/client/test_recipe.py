@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from client.optim_recipe import OPTIMIZERS, build_optimizer, load_moments
-from client.schedule import SCHEDULES, LrSchedule, RoundPosition, lr_factor
+from client.schedule import SCHEDULES, LrSchedule, RoundPosition, TailPosition, lr_factor
 from client.trainer import TrainSettings, batches_per_epoch, train_local
 from shared_models import build_model
 from tests.helpers import toy_segmentation
@@ -187,3 +187,46 @@ def test_the_last_round_ends_near_a_zero_learning_rate(monkeypatch):
                 segmentation_loss(), position=RoundPosition(3, 3))
     total = 3 * 2 * 2  # rounds x epochs x batches
     assert rates == pytest.approx([(1 - t / total) ** 0.9 for t in range(8, 12)])
+
+
+def _recording_rates(monkeypatch) -> list[float]:
+    rates = []
+    original = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    return rates
+
+
+def test_a_fine_tuning_tail_ends_the_rounds_schedule():
+    # 4 rounds of 2 epochs and 3 epochs of fine-tuning, 5 steps per epoch: 40 + 15 steps in one schedule
+    assert RoundPosition(1, 4, tail_epochs=3, round_epochs=2).span(10) == (0, 55)
+    assert RoundPosition(4, 4, tail_epochs=3, round_epochs=2).span(10) == (30, 55)
+    assert TailPosition(4, 2, 3).span(15) == (40, 55)
+
+
+def test_rounds_then_site_fine_tuning_follow_the_schedule_of_one_local_run(monkeypatch):
+    """A ``-ft`` method's learning rates: the rounds do not decay to 0 and fine-tuning does not restart at the
+    base rate; together they are the rates of a local run as long as the whole budget."""
+    from client.personalise import finetune
+    from client.trainer import TensorBatches
+    from shared_models.protocol import RoundConfig
+
+    rates = _recording_rates(monkeypatch)
+    images, labels = _data()
+    settings = TrainSettings(epochs=1, batch_size=4, augment=False, lr=1.0)
+    model = build_model(SPEC, seed=0)
+    report = None
+    for rnd in (1, 2):
+        report = train_local(model, images, labels, settings, segmentation_loss(),
+                             position=RoundPosition(rnd, 2, tail_epochs=2, round_epochs=1),
+                             optimizer_state=_stored(report) if report else None)
+    cfg = RoundConfig(run_name="ft", model_spec=SPEC, fingerprint="", server_round=2, num_rounds=2, train=settings,
+                      finetune_epochs=2)
+    tuned = finetune(model, lambda s: TensorBatches(images, labels, s.batch_size, s.seed), cfg, _stored(report))
+    total = 4 * 2  # (2 rounds + 2 fine-tuning epochs) x 2 batches
+    assert rates == pytest.approx([(1 - t / total) ** 0.9 for t in range(total)])
+    assert float(_first_state(tuned)["step"]) == total  # the site's optimizer continued, it was not rebuilt
