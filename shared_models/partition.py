@@ -30,6 +30,12 @@ POLICY_LOCAL_ROLES: Mapping[str, frozenset[TensorRole]] = {
 }
 
 
+#: whole layers a policy can keep at the site besides its norm roles, by position in the network:
+#: "stem", the first convolution, which sees the scanner's raw intensities (PartialFed, LG-FedAvg),
+#: and "head", the last one, which maps features to the site's labels (FedPer)
+LAYERS = ("stem", "head")
+
+
 class PartitionError(ValueError):
     """The model contains a tensor the partition cannot classify."""
 
@@ -45,25 +51,36 @@ class Policy:
     name: str
     local_roles: frozenset[TensorRole]
     everything_local: bool = False
+    local_layers: frozenset[str] = frozenset()  # of LAYERS
 
     @classmethod
     def parse(cls, name: str, overrides: Mapping[str, str] | None = None) -> Policy:
         if name not in POLICY_LOCAL_ROLES:
             raise PartitionError(f"unknown policy {name!r} (known: {', '.join(POLICY_LOCAL_ROLES)})")
-        roles = set(POLICY_LOCAL_ROLES[name])
-        for role_name, where in (overrides or {}).items():
-            try:
-                role = TensorRole(role_name)
-            except ValueError as exc:
-                known = ", ".join(r.value for r in TensorRole)
-                raise PartitionError(f"policy override: unknown role {role_name!r} (known: {known})") from exc
-            if where == "local":
-                roles.add(role)
-            elif where == "shared":
-                roles.discard(role)
-            else:
-                raise PartitionError(f"policy override {role_name}: expected 'local' or 'shared', got {where!r}")
-        return cls(name=name, local_roles=frozenset(roles), everything_local=name == "local")
+        roles, layers = set(POLICY_LOCAL_ROLES[name]), set()
+        for key, where in (overrides or {}).items():
+            if where not in ("local", "shared"):
+                raise PartitionError(f"policy override {key}: expected 'local' or 'shared', got {where!r}")
+            chosen, item = (layers, key) if key in LAYERS else (roles, _role(key))
+            (chosen.add if where == "local" else chosen.discard)(item)
+        return cls(name=name, local_roles=frozenset(roles), everything_local=name == "local", local_layers=frozenset(layers))
+
+
+def _role(name: str) -> TensorRole:
+    try:
+        return TensorRole(name)
+    except ValueError as exc:
+        known = ", ".join([*(r.value for r in TensorRole), *LAYERS])
+        raise PartitionError(f"policy override: unknown role {name!r} (known: {known})") from exc
+
+
+def layer_keys(model: nn.Module, layer: str) -> frozenset[str]:
+    """The state_dict keys of the network's first ("stem") or last ("head") convolution."""
+    convs = [path for path, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    if not convs:
+        raise PartitionError(f"policy keeps the {layer} local, but the model has no convolution")
+    path = convs[0] if layer == "stem" else convs[-1]
+    return frozenset(k for k in model.state_dict() if k.rsplit(".", 1)[0] == path)
 
 
 @dataclass(frozen=True)
@@ -125,8 +142,9 @@ def partition(model: nn.Module, policy: str | Policy) -> Split:
     """Shared and local state_dict keys of ``model`` under ``policy``."""
     pol = Policy.parse(policy) if isinstance(policy, str) else policy
     roles = tensor_roles(model)
+    kept_layers = frozenset().union(*(layer_keys(model, layer) for layer in pol.local_layers))
     shared, local = [], []
     for key, role in roles.items():
-        is_local = pol.everything_local or (role is not None and role in pol.local_roles)
+        is_local = pol.everything_local or key in kept_layers or (role is not None and role in pol.local_roles)
         (local if is_local else shared).append(key)
     return Split(shared=tuple(sorted(shared)), local=tuple(sorted(local)), roles=roles)

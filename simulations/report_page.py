@@ -16,6 +16,7 @@ from shared_models.durable import atomic_write_text
 
 from .cells import Cell
 from .experiment import DataConfig, ExperimentConfig
+from .convergence import PLATEAU_TOLERANCE, convergence_table, plot_convergence
 from .plots import plot_dice_per_round, plot_dice_per_site, plot_examples
 from .report import detail_table, dice_table
 
@@ -47,6 +48,8 @@ def write_report_page(out: Path, results: dict[str, Any], cfg: ExperimentConfig,
     figures = [
         ("dice_per_round.png", "Dice of each site's own model after each round (mean over seeds), one line per method.",
          lambda p: plot_dice_per_round(results, p)),
+        ("convergence.png", "Mean Dice over sites against rounds and against the rounds' wall time (mean over seeds, "
+         "band: 95% interval over seeds).", lambda p: plot_convergence(results, p)),
         ("dice_per_site.png", "Final Dice per site by method; error bars are the standard deviation over seeds.",
          lambda p: plot_dice_per_site(results, p)),
         ("examples.png", "One held-out case per site: image, ground truth, and each method's prediction (first seed).",
@@ -67,6 +70,12 @@ def write_report_page(out: Path, results: dict[str, Any], cfg: ExperimentConfig,
         "## Dice (mean ± std over seeds) and HD95 (mm) per site",
         "",
         detail_table(results),
+        "",
+        "## Convergence (mean Dice over sites [95% interval over seeds] by round)",
+        "",
+        convergence_table(results),
+        "",
+        f"Plateau round: the first round from which the mean stays within {PLATEAU_TOLERANCE} of its final value.",
         "",
         "## Figures",
         "",

@@ -83,3 +83,22 @@ def test_policy_overrides_flip_one_role():
         Policy.parse("fedbn", {"gamma": "local"})
     with pytest.raises(PartitionError, match="unknown policy"):
         Policy.parse("fedbm")
+
+
+@pytest.mark.parametrize("net", list(MONAI_NETS))
+@pytest.mark.parametrize("layer", ["stem", "head"])
+def test_a_local_stem_or_head_adds_exactly_that_convolution_to_fedbn(net, layer):
+    model = MONAI_NETS[net]()
+    convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d))]
+    expected = convs[0] if layer == "stem" else convs[-1]
+    split = partition(model, Policy.parse("fedbn", {layer: "local"}))
+    added = set(split.local) - set(partition(model, "fedbn").local)
+    assert added and {k.rsplit(".", 1)[0] for k in added} == {expected}
+    assert sorted(split.shared + split.local) == sorted(model.state_dict())
+    assert partition(model, Policy.parse("fedbn", {layer: "local", **{layer: "shared"}})).local == partition(model, "fedbn").local
+
+
+def test_the_project_unet_keeps_its_named_stem_and_head():
+    model = build_model({"name": "unet", "channels": [8, 16], "norm": "batch"})
+    both = partition(model, Policy.parse("fedbn", {"stem": "local", "head": "local"}))
+    assert set(both.local) - set(partition(model, "fedbn").local) == {"stem.weight", "stem.bias", "head.weight", "head.bias"}
