@@ -9,6 +9,7 @@ shared tensors only.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -26,6 +27,7 @@ from shared_models.partition import Split
 from shared_models import protocol as P
 from shared_models.protocol import EvalMetrics, RoundConfig, SiteInfo, TrainMetrics
 
+from .ditto import load_personal, train_personal
 from .fingerprint import site_fingerprint
 from .exchange import load_local, load_shared, local_tensors, shared_record
 from .global_store import GlobalSnapshot, save_global
@@ -104,6 +106,7 @@ def train(message: Message, context: Context) -> Message:
     optim_store = OptimizerStateStore(paths.state_dir, cfg.run_name, paths.site)
     stored = optim_store.load(fingerprint=sm.fingerprint, optimizer=settings.optimizer,
                               before_round=cfg.server_round) if settings.persist_optimizer else None
+    personal = copy.deepcopy(sm.model) if cfg.personal_mu > 0 else None  # Ditto: starts from the round's model
     report = train_batches(sm.model, data.batches(settings), settings, loss_fn, global_shared,
                          position=RoundPosition(cfg.server_round, cfg.num_rounds, cfg.finetune_epochs, cfg.train.epochs),
                            optimizer_state=stored)
@@ -111,6 +114,8 @@ def train(message: Message, context: Context) -> Message:
         optim_store.save(report.optimizer_state, fingerprint=sm.fingerprint, optimizer=settings.optimizer, round_=cfg.server_round)
     if sm.split.local:
         sm.store.save(local_tensors(sm.model, sm.split), fingerprint=sm.fingerprint, policy=cfg.policy, round_=cfg.server_round)
+    if personal is not None:
+        train_personal(personal, global_shared, data.batches, cfg, paths, sm.fingerprint)
     log.info("site %s round %d: loss %.4f, %d samples in %.1fs", paths.site, cfg.server_round, report.loss, report.samples, report.seconds)
     record_training(paths.state_dir, paths.site, {
         "round": cfg.server_round, "run": cfg.run_name, "loss": report.loss, "samples": report.samples,
@@ -152,6 +157,12 @@ def evaluate(message: Message, context: Context) -> Message:
 
 def deploy_site_model(sm: SiteModel, cfg: RoundConfig, paths: SitePaths, data: SiteInputs) -> None:
     """Make the model this evaluation scores, and store it as the site would deploy it (`fedsite predict`)."""
+    if cfg.personal_mu > 0:  # Ditto scores the site's personal model, with its own statistics refreshed
+        load_personal(sm.model, cfg, paths, sm.fingerprint)
+        if cfg.eval_statistics == "refresh" and data.num_train:
+            refresh_statistics(sm.model, data.statistics_images(cfg.train.seed), partition(sm.model, "local"),
+                               cfg.train.batch_size, resolve_device(cfg.train.device))
+        return
     finetuned = cfg.finetune_epochs > 0 and data.num_train > 0
     if finetuned:
         stored = None

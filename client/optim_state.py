@@ -57,10 +57,10 @@ class _Unfit(Exception):
 class OptimizerStateStore:
     """The optimizer state of one site for one run (``<state_dir>/<run>/optimizer_state.pt``)."""
 
-    def __init__(self, state_dir: str | Path, run_name: str, site: str):
+    def __init__(self, state_dir: str | Path, run_name: str, site: str, file_name: str = OPTIMIZER_FILE):
         self.site, self.run_name = site, run_name
-        self.path = run_dir(state_dir, run_name) / OPTIMIZER_FILE
-        self.previous = self.path.with_name(OPTIMIZER_FILE.replace(".pt", ".previous.pt"))
+        self.path = run_dir(state_dir, run_name) / file_name
+        self.previous = self.path.with_name(file_name.replace(".pt", ".previous.pt"))
 
     def save(self, state: dict[str, Any], *, fingerprint: str, optimizer: str, round_: int) -> None:
         """Atomically write ``state`` (an optimizer ``state_dict``), keeping the previous round's file."""

@@ -53,6 +53,7 @@ class ServerRunConfig:
     eval_statistics: str = _ROUND.eval_statistics  # refresh | stored (see shared_models.protocol.RoundConfig)
     transport_dtype: str = _ROUND.transport_dtype  # fp32 | fp16 | bf16: the dtype shared tensors travel in
     finetune_epochs: int = 0  # personalisation: local fine-tuning epochs before the final evaluation
+    personal_mu: float = 0.0  # personalisation (Ditto): > 0, sites train and are scored with personal models
     pooled: bool = False
     data_dir: str = ""  # simulation only: the multi-site root the simulated nodes read
     sites: str = ""  # simulation only: comma-separated site names, partition-id order
@@ -75,6 +76,8 @@ class ServerRunConfig:
                 raise ConfigError(f"{key.replace('_', '-')}: must be >= 1, got {getattr(self, key)}")
         if self.finetune_epochs < 0:
             raise ConfigError(f"finetune-epochs: must be >= 0, got {self.finetune_epochs}")
+        if self.personal_mu < 0:
+            raise ConfigError(f"personal-mu: must be >= 0, got {self.personal_mu}")
         if self.eval_statistics not in EVAL_STATISTICS_MODES:
             raise ConfigError(f"eval-statistics: expected one of {list(EVAL_STATISTICS_MODES)}, got {self.eval_statistics!r}")
         for key in ("payload_limit", "update_norm_bound"):
@@ -149,6 +152,7 @@ class ServerRunConfig:
             eval_statistics=self.eval_statistics,
             transport_dtype=self.transport_dtype,
             finetune_epochs=self.finetune_epochs,  # training: the schedule spans them; evaluation: only the final one fine-tunes
+            personal_mu=self.personal_mu,
             sim_sites=tuple(self.site_list),
             sim_data_dir=self.data_dir,
             sim_state_dir=self.state_dir,

@@ -62,6 +62,7 @@ class FederationSection:
     eval_statistics: str = _RUN.eval_statistics  # refresh | stored
     transport_dtype: str = _RUN.transport_dtype  # fp32 | fp16 | bf16: the dtype shared tensors travel in
     finetune_epochs: int = _RUN.finetune_epochs  # sites fine-tune the whole model before the final evaluation
+    personal_mu: float = _RUN.personal_mu  # Ditto: sites also train personal models (pull toward the global model)
     device: str = _RUN.device  # a site's own `device` (site.yaml) takes precedence
     min_sites: int = 0  # sites to wait for at the start (0 = every provisioned site)
     min_train_sites: int = 1  # quorum of valid updates per round
@@ -135,6 +136,7 @@ def run_config(cfg: ServerConfig, out_dir: Path, node_sites: dict[str, int] | No
         eval_statistics=fed.eval_statistics,
         transport_dtype=fed.transport_dtype,
         finetune_epochs=fed.finetune_epochs,
+        personal_mu=fed.personal_mu,
         min_nodes=fed.min_sites or len(cfg.sites),
         min_train_nodes=fed.min_train_sites,
         wait_seconds=fed.wait_seconds,

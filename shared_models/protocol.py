@@ -58,6 +58,7 @@ WITH_HD95 = "with-hd95"
 WITH_FINGERPRINT = "with-fingerprint"
 EVAL_STATISTICS = "eval-statistics"
 FINETUNE_EPOCHS = "finetune-epochs"
+PERSONAL_MU = "personal-mu"  # Ditto: the personal model's pull toward the global one
 NUM_ROUNDS = "num-rounds"  # the federation's length: the site's learning-rate schedule spans it
 OPTIMIZER = "optimizer"
 MOMENTUM = "momentum"
@@ -206,6 +207,9 @@ class RoundConfig:
     # asks for it at the final evaluation only); the fine-tuned model never leaves the site.
     # training: the rounds' learning-rate schedule spans these epochs after the last round
     finetune_epochs: int = 0
+    # Ditto: > 0, every site also trains a personal model of its own each round, pulled toward the received
+    # global model by (personal_mu / 2) ||v - w||^2, and is scored with it; the personal model never leaves the site
+    personal_mu: float = 0.0
     with_fingerprint: bool = False  # query: the site also answers with its SiteFingerprint
     transport_dtype: str = "fp32"  # fp32 | fp16 | bf16, both ways; each side upcasts to its model's dtype on receipt
 
@@ -237,7 +241,7 @@ _ROUND_KEYS = {
     RUN_NAME: "run_name", FINGERPRINT: "fingerprint", SERVER_ROUND: "server_round", POLICY: "policy",
     LOSS_NAME: "loss", INTENSITY: "intensity", TEST_FRACTION: "test_fraction", SPLIT_SEED: "split_seed",
     SIM_DATA_DIR: "sim_data_dir", SIM_STATE_DIR: "sim_state_dir", WITH_HD95: "with_hd95",
-    EVAL_STATISTICS: "eval_statistics", FINETUNE_EPOCHS: "finetune_epochs",
+    EVAL_STATISTICS: "eval_statistics", FINETUNE_EPOCHS: "finetune_epochs", PERSONAL_MU: "personal_mu",
     WITH_FINGERPRINT: "with_fingerprint", NUM_ROUNDS: "num_rounds", TRANSPORT_DTYPE: "transport_dtype",
 }
 _TRAIN_KEYS = {

@@ -41,6 +41,9 @@ def _run_curve(run: dict[str, Any]) -> dict[int, tuple[float, float]]:
         dice = [float(v) for v in entry.get("dice", {}).values()]
         if dice:
             curve[int(entry["round"])] = (statistics.fmean(dice), elapsed)
+    budget = int(run.get("budget_rounds", 0))
+    if curve and budget > max(curve):  # a fine-tuning method's final score comes after the rounds' worth of fine-tuning
+        curve[budget] = curve.pop(max(curve))
     return curve
 
 

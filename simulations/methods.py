@@ -12,6 +12,8 @@ from typing import Any
 
 #: share of the epoch budget the ``-ft`` methods spend fine-tuning at the site after federating
 FINETUNE_SHARE = 0.2
+#: Ditto's lambda (Li et al. 2021 tune it in 0.05-2); weight of (lambda/2)||v - w||^2 against the Dice-CE loss
+DITTO_MU = 0.1
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class Method:
     policy_overrides: dict[str, str] = field(default_factory=dict)
     strategy_options: dict[str, Any] = field(default_factory=dict)
     finetune: bool = False  # the last FINETUNE_SHARE of the epochs: every tensor fine-tuned at the site
+    personal_mu: float = 0.0  # Ditto: each site also trains a personal model pulled toward the global one
     description: str = ""
 
 
@@ -47,6 +50,8 @@ METHODS: dict[str, Method] = {
                        description="FedBN, then every site fine-tunes the whole model on its own data"),
     "fedavg-ft": Method("fedavg", finetune=True,
                         description="FedAvg, then every site fine-tunes the whole model on its own data"),
+    "ditto": Method("fedbn", personal_mu=DITTO_MU,
+                    description="Ditto: FedBN's global model, and a personal model per site pulled toward it (scored)"),
     "pooled": Method("fedavg", pooled=True, description="centralised training on all sites' data"),
 }
 

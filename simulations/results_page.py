@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .claims import claims_block
+from .convergence import PLATEAU_TOLERANCE, convergence_table
 from .report import dice_table, holdout_table
 from .retrain import FIXED_ARCH, Choice, is_supernet
 
@@ -116,6 +117,10 @@ def render_section(section: Section) -> list[str]:
                       f"operator. Architecture from `{section.out / 'architectures.json'}`; retrained by "
                       f"`{section.retrained.command}`.", ""]
     lines += [*claims_block(section.results.get("comparisons", [])), ""]
+    if any(len(r.get("history", [])) > 1 for r in section.results["runs"]):
+        lines += ["Convergence: mean Dice over sites [95% interval over seeds] by round; plateau = the first round from "
+                  f"which the mean stays within {PLATEAU_TOLERANCE} of its final value:", "",
+                  convergence_table(section.results), ""]
     if any("holdout" in r for r in section.results["runs"]):
         lines += ["Held-out site, by adaptation option:", "", holdout_table(section.results), ""]
     lines += [f"Details: `{section.out / extra}`." for extra in section.extras]

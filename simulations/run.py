@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -182,6 +183,7 @@ def run_config_for(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Pa
         eval_statistics=cfg.eval_statistics,
         transport_dtype=cfg.transport_dtype,
         finetune_epochs=finetune_epochs,
+        personal_mu=m.personal_mu,
         intensity=data.intensity,
         test_fraction=data.test_fraction,
         split_seed=data.split_seed + cell.seed,  # each seed its own split, the same for every method
@@ -254,6 +256,13 @@ def run_cell(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Path, si
     return run, False
 
 
+def budget_rounds(fed: dict[str, Any]) -> int:
+    """The rounds' worth of training a federation used: its rounds plus any fine-tuning epochs at the site."""
+    config = fed.get("config", {})
+    tail = int(config.get("finetune-epochs", 0))
+    return int(fed["rounds"]) + math.ceil(tail / max(int(config.get("local-epochs", 1)), 1))
+
+
 def run_record(cell: Cell, fed: dict[str, Any], wall_s: float) -> dict[str, Any]:
     """The row of results.json for one finished federation."""
     return {
@@ -262,6 +271,7 @@ def run_record(cell: Cell, fed: dict[str, Any], wall_s: float) -> dict[str, Any]
         "model": cell.model,
         "seed": cell.seed,
         "rounds": fed["rounds"],
+        "budget_rounds": budget_rounds(fed),
         "per_site": {s: {"dice": v["dice"], "hd95": v.get("hd95", float("nan")), "n_test": v.get("n_test", 0)}
                      for s, v in fed["per_site"].items()},
         "mean_dice": fed["mean_dice"],

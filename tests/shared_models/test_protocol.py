@@ -26,7 +26,7 @@ def _full() -> RoundConfig:
                             warmup_fraction=0.1, persist_optimizer=False, augment=False, patch_size="32,32,16",
                             target_spacing="1.5,1.5,3", loader_workers=2),
         intensity="none", test_fraction=0.4, split_seed=5, sim_sites=("a", "b"), sim_data_dir="/d", sim_state_dir="/s",
-        with_hd95=False, eval_statistics="stored", with_fingerprint=True, finetune_epochs=3, transport_dtype="bf16",
+        with_hd95=False, eval_statistics="stored", with_fingerprint=True, finetune_epochs=3, personal_mu=0.5, transport_dtype="bf16",
     )
 
 

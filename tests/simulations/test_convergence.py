@@ -43,3 +43,17 @@ def test_the_table_names_every_method_and_the_last_round(tmp_path):
     assert "| round 1 |" not in table and "round 2" in table and "round 3" in table
     assert "| local | 0.750" in table and "| fedbn | 0.500 |" in table
     assert plot_convergence(RESULTS, tmp_path / "c.png").stat().st_size > 0
+
+
+def test_a_fine_tuning_methods_final_score_sits_at_the_end_of_its_budget():
+    run = _run("fedbn-ft", 0, [{"a": 0.5}, {"a": 0.7}])
+    run["budget_rounds"] = 3  # 2 federated rounds and one round's worth of fine-tuning before the final score
+    assert [(p.round, p.dice) for p in method_curves({"runs": [run]})["fedbn-ft"]] == [(1, 0.5), (3, 0.7)]
+
+
+def test_the_budget_counts_fine_tuning_epochs_in_rounds():
+    from simulations.run import budget_rounds
+
+    assert budget_rounds({"rounds": 48, "config": {"finetune-epochs": 12, "local-epochs": 1}}) == 60
+    assert budget_rounds({"rounds": 8, "config": {"finetune-epochs": 4, "local-epochs": 2}}) == 10
+    assert budget_rounds({"rounds": 20}) == 20

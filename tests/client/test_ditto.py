@@ -1,0 +1,66 @@
+"""Ditto: each site trains a personal model beside the federated one; it never travels and never changes the federation."""
+
+import json
+
+import pytest
+import torch
+
+from client.ditto import PERSONAL_OPTIMIZER_FILE
+from client.predict import personalised_model
+from client.site_state import PERSONAL_FILE
+from server.checkpoint import CheckpointStore
+from server.rounds import run_federation
+from server.run_config import ServerRunConfig
+from shared_models import architecture_fingerprint, build_model
+from shared_models import protocol as P
+from simulations.domain_shift import DEFAULT_PROFILES, generate_dataset
+from tests.helpers import LocalGrid, set_task_identity
+
+pytestmark = pytest.mark.slow
+
+SITES = [p.name for p in DEFAULT_PROFILES[:2]]
+MODEL = {"name": "unet", "spatial-dims": 2, "in-channels": 1, "out-channels": 3, "channels": [4, 8], "norm": "batch"}
+
+
+@pytest.fixture(scope="module")
+def federations(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ditto")
+    set_task_identity()
+    data = generate_dataset(root / "data", profiles=DEFAULT_PROFILES[:2], cases_per_site=6, size=(16, 16), num_classes=3)
+    out = {}
+    for name, mu in (("fedbn", 0.0), ("ditto", 0.1)):
+        replies = []
+        grid = LocalGrid(SITES, data, root / name / "state", on_reply=lambda s, kind, rnd, content, r=replies: r.append((kind, content)))
+        cfg = ServerRunConfig(model=json.dumps(MODEL), run_name=name, out_dir=str(root / name / "out"), num_rounds=2, batch_size=4,
+                              personal_mu=mu, min_nodes=2, wait_seconds=5, round_timeout=60)
+        out[name] = (run_federation(grid, cfg), replies, root / name)
+    return out
+
+
+def _global(folder, name):
+    fingerprint = architecture_fingerprint(build_model(MODEL, seed=0))
+    return CheckpointStore(folder / "out" / "checkpoints", keep=3).latest(run_name=name, fingerprint=fingerprint, policy="fedbn").arrays
+
+
+def test_the_federated_model_is_fedbns_bit_for_bit(federations):
+    ditto, fedbn = _global(federations["ditto"][2], "ditto"), _global(federations["fedbn"][2], "fedbn")
+    assert set(ditto) == set(fedbn)
+    for key in ditto:
+        assert torch.equal(torch.from_numpy(ditto[key].numpy()), torch.from_numpy(fedbn[key].numpy())), key
+
+
+def test_sites_are_scored_with_personal_models_that_stay_at_the_site(federations):
+    result, replies, folder = federations["ditto"]
+    assert result.per_site and result.per_site != federations["fedbn"][0].per_site
+    sent = [set(c[P.ARRAYS]) for kind, c in replies if kind == "train"]
+    assert len(sent) == 2 * len(SITES) and all(keys == sent[0] for keys in sent)  # the shared tensors, as FedBN's
+    assert not any(P.ARRAYS in c for kind, c in replies if kind == "evaluate")
+    for site in SITES:
+        run_dir = folder / "state" / site / "ditto"
+        personal = torch.load(run_dir / PERSONAL_FILE, weights_only=False)
+        assert personal["round"] == 2 and set(personal["tensors"]) == set(build_model(MODEL, seed=0).state_dict())
+        optimizer = torch.load(run_dir / PERSONAL_OPTIMIZER_FILE, weights_only=False)
+        steps = {float(s["step"]) for s in optimizer["optimizer_state"]["state"].values()}
+        assert steps == {2.0 * 1}  # 2 rounds x 1 batch of the 4 training cases: the optimizer continued across rounds
+        model, _ = personalised_model(folder / "state" / site, site, "ditto")  # what `fedsite predict` deploys
+        assert all(torch.equal(v, personal["tensors"][k]) for k, v in model.state_dict().items())
