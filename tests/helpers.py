@@ -134,3 +134,16 @@ def toy_segmentation(n=8, size=16, noise=0.1):
     labels[:, :, 4:12, 4:12] = 1
     labels[:, :, 6:9, 6:9] = 2
     return labels.float() + noise * torch.randn(n, 1, size, size, generator=g), labels
+
+
+#: the two-site, 3-class network of the in-process federation tests
+TINY_UNET = {"name": "unet", "spatial-dims": 2, "in-channels": 1, "out-channels": 3, "channels": [4, 8], "norm": "batch"}
+
+
+def two_site_data(root):
+    """(site names, data root): 6 cases of 16x16 at each of the first two scanner profiles, task identity set."""
+    from simulations.domain_shift import DEFAULT_PROFILES, generate_dataset
+
+    set_task_identity()
+    profiles = DEFAULT_PROFILES[:2]
+    return [p.name for p in profiles], generate_dataset(root / "data", profiles=profiles, cases_per_site=6, size=(16, 16), num_classes=3)

@@ -12,20 +12,18 @@ from server.rounds import run_federation
 from server.run_config import ServerRunConfig
 from shared_models import architecture_fingerprint, build_model
 from shared_models import protocol as P
-from simulations.domain_shift import DEFAULT_PROFILES, generate_dataset
-from tests.helpers import LocalGrid, set_task_identity
+from simulations.domain_shift import DEFAULT_PROFILES
+from tests.helpers import TINY_UNET as MODEL, LocalGrid, two_site_data
 
 pytestmark = pytest.mark.slow
 
 SITES = [p.name for p in DEFAULT_PROFILES[:2]]
-MODEL = {"name": "unet", "spatial-dims": 2, "in-channels": 1, "out-channels": 3, "channels": [4, 8], "norm": "batch"}
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
-    set_task_identity()
-    data = generate_dataset(root / "data", profiles=DEFAULT_PROFILES[:2], cases_per_site=6, size=(16, 16), num_classes=3)
+    _, data = two_site_data(root)
     replies = []
     grid = LocalGrid(SITES, data, root / "state", on_reply=lambda site, kind, rnd, content: replies.append((site, kind, rnd, content)))
     cfg = ServerRunConfig(model=json.dumps(MODEL), run_name="ft", out_dir=str(root / "out"), num_rounds=2, batch_size=4,

@@ -173,22 +173,6 @@ def test_reset_optimizer_starts_fresh_each_round():
     assert float(_first_state(second)["step"]) == 2.0
 
 
-def test_the_last_round_ends_near_a_zero_learning_rate(monkeypatch):
-    rates = []
-    original = torch.optim.Adam.step
-
-    def recording_step(self, *args, **kwargs):
-        rates.append(self.param_groups[0]["lr"])
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
-    images, labels = _data()
-    train_local(build_model(SPEC, seed=0), images, labels, TrainSettings(epochs=2, batch_size=4, augment=False, lr=1.0),
-                segmentation_loss(), position=RoundPosition(3, 3))
-    total = 3 * 2 * 2  # rounds x epochs x batches
-    assert rates == pytest.approx([(1 - t / total) ** 0.9 for t in range(8, 12)])
-
-
 def _recording_rates(monkeypatch) -> list[float]:
     rates = []
     original = torch.optim.Adam.step
@@ -199,6 +183,15 @@ def _recording_rates(monkeypatch) -> list[float]:
 
     monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
     return rates
+
+
+def test_the_last_round_ends_near_a_zero_learning_rate(monkeypatch):
+    rates = _recording_rates(monkeypatch)
+    images, labels = _data()
+    train_local(build_model(SPEC, seed=0), images, labels, TrainSettings(epochs=2, batch_size=4, augment=False, lr=1.0),
+                segmentation_loss(), position=RoundPosition(3, 3))
+    total = 3 * 2 * 2  # rounds x epochs x batches
+    assert rates == pytest.approx([(1 - t / total) ** 0.9 for t in range(8, 12)])
 
 
 def test_a_fine_tuning_tail_ends_the_rounds_schedule():

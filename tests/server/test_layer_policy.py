@@ -9,19 +9,18 @@ from client.site_state import STATE_FILE
 from server.rounds import run_federation
 from server.run_config import ServerRunConfig
 from shared_models import protocol as P
-from simulations.domain_shift import DEFAULT_PROFILES, generate_dataset
-from tests.helpers import LocalGrid, set_task_identity
+from simulations.domain_shift import DEFAULT_PROFILES
+from tests.helpers import TINY_UNET as MODEL, LocalGrid, two_site_data
+
+SITES = [p.name for p in DEFAULT_PROFILES[:2]]
 
 pytestmark = pytest.mark.slow
 
-SITES = [p.name for p in DEFAULT_PROFILES[:2]]
-MODEL = {"name": "unet", "spatial-dims": 2, "in-channels": 1, "out-channels": 3, "channels": [4, 8], "norm": "batch"}
 LAYER_KEYS = {"stem.weight", "stem.bias", "head.weight", "head.bias"}
 
 
 def test_stem_and_head_stay_at_each_site(tmp_path):
-    set_task_identity()
-    data = generate_dataset(tmp_path / "data", profiles=DEFAULT_PROFILES[:2], cases_per_site=6, size=(16, 16), num_classes=3)
+    _, data = two_site_data(tmp_path)
     replies = []
     grid = LocalGrid(SITES, data, tmp_path / "state", on_reply=lambda site, kind, rnd, content: replies.append((kind, content)))
     cfg = ServerRunConfig(model=json.dumps(MODEL), run_name="layers", out_dir=str(tmp_path / "out"), num_rounds=2, batch_size=4,
