@@ -29,7 +29,7 @@ from .model_costs import arm_costs, input_size
 from .results_page import CodeVersionMismatch, Retrained, Section, code_version, render_page
 from .retrain import retrain_config, write_config
 
-EXPERIMENTS = ("fl_baselines", "holdout", "norms", "models", "anatomy", "volumes3d")
+EXPERIMENTS = ("fl_baselines", "holdout", "norms", "models", "anatomy", "volumes3d", "convergence", "convergence_anatomy")
 EXTRAS = ("sn_weights.md", "architectures.md")
 
 
