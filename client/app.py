@@ -37,7 +37,7 @@ from .site_paths import SitePaths, resolve_site
 from .site_state import DEPLOYED_FILE, SiteStateError, SiteStateStore
 from .personalise import finetune, personal_store
 from .refresh import has_local_statistics, refresh_statistics
-from .schedule import RoundPosition
+from .schedule import round_position, round_settings
 from .site_inputs import SiteInputs, site_inputs
 from .trainer import resolve_device, train_batches
 
@@ -101,15 +101,14 @@ def train(message: Message, context: Context) -> Message:
         raise ValueError(f"site {paths.site}: no training cases")
     torch.set_num_threads(max(1, int(os.environ.get("FEDSITE_THREADS", "1"))))
     global_shared = {k: v.clone() for k, v in sm.model.state_dict().items() if k in set(sm.split.shared)}
-    settings = dataclasses.replace(cfg.train, seed=cfg.train.seed * 100_003 + cfg.server_round)  # new shuffle each round
+    settings = round_settings(cfg)
     loss_fn = make_loss(cfg.loss, sm.model, seed=settings.seed)
     optim_store = OptimizerStateStore(paths.state_dir, cfg.run_name, paths.site)
     stored = optim_store.load(fingerprint=sm.fingerprint, optimizer=settings.optimizer,
                               before_round=cfg.server_round) if settings.persist_optimizer else None
     personal = copy.deepcopy(sm.model) if cfg.personal_mu > 0 else None  # Ditto: starts from the round's model
     report = train_batches(sm.model, data.batches(settings), settings, loss_fn, global_shared,
-                         position=RoundPosition(cfg.server_round, cfg.num_rounds, cfg.finetune_epochs, cfg.train.epochs),
-                           optimizer_state=stored)
+                           position=round_position(cfg), optimizer_state=stored)
     if settings.persist_optimizer:  # kept at the site: the reply below carries the shared tensors only
         optim_store.save(report.optimizer_state, fingerprint=sm.fingerprint, optimizer=settings.optimizer, round_=cfg.server_round)
     if sm.split.local:

@@ -21,19 +21,16 @@ from shared_models.protocol import RoundConfig, TrainSettings
 
 from .optim_state import OptimizerStateStore
 from .personalise import personal_store
-from .schedule import RoundPosition
+from .schedule import round_position, round_settings
 from .site_paths import SitePaths
 from .trainer import BatchSource, TrainReport, train_batches
 
 PERSONAL_OPTIMIZER_FILE = "personal_optimizer_state.pt"
-# A seed stream of its own: the personal model never replays the federated model's shuffle.
-_PERSONAL_SEED_OFFSET = 15_485_863
 
 
 def personal_settings(cfg: RoundConfig) -> TrainSettings:
-    """The round's settings with Ditto's pull as the proximal term."""
-    return dataclasses.replace(cfg.train, proximal_mu=cfg.personal_mu,
-                               seed=cfg.train.seed * 100_003 + cfg.server_round + _PERSONAL_SEED_OFFSET)
+    """The round's settings (the ``local`` method's draws, see ``round_settings``) with Ditto's pull as the proximal term."""
+    return dataclasses.replace(round_settings(cfg), proximal_mu=cfg.personal_mu)
 
 
 def train_personal(model: torch.nn.Module, global_shared: Mapping[str, torch.Tensor],
@@ -55,7 +52,7 @@ def train_personal(model: torch.nn.Module, global_shared: Mapping[str, torch.Ten
     stored = optim_store.load(fingerprint=fingerprint, optimizer=settings.optimizer,
                               before_round=cfg.server_round) if settings.persist_optimizer else None
     report = train_batches(model, batches(settings), settings, make_loss(cfg.loss, model, seed=settings.seed), global_shared,
-                           position=RoundPosition(cfg.server_round, cfg.num_rounds), optimizer_state=stored)
+                           position=round_position(cfg), optimizer_state=stored)
     if settings.persist_optimizer:
         optim_store.save(report.optimizer_state, fingerprint=fingerprint, optimizer=settings.optimizer, round_=cfg.server_round)
     store.save(model.state_dict(), fingerprint=fingerprint, policy=cfg.policy, round_=cfg.server_round)

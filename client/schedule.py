@@ -10,11 +10,14 @@ same learning rates as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from shared_models.protocol import RoundConfig, TrainSettings
 
 # progress p in [0, 1] of the decay phase -> multiplier of the base learning rate
 SCHEDULES: dict[str, Callable[[float], float]] = {
@@ -42,6 +45,16 @@ def lr_factor(schedule: str, step: int, total: int, warmup_fraction: float = 0.0
     return SCHEDULES[schedule]((step - warmup) / (total - warmup))
 
 
+def round_settings(cfg: RoundConfig) -> TrainSettings:
+    """The round's training settings: a new shuffle and augmentation draw every round.
+
+    Every model a site trains in a round as "its own" (the federated one, and Ditto's
+    personal one) draws from this stream, so a personal model with a vanishing pull
+    is the ``local`` method's model exactly, and the two arms compare on the same draws.
+    """
+    return dataclasses.replace(cfg.train, seed=cfg.train.seed * 100_003 + cfg.server_round)
+
+
 @dataclass(frozen=True)
 class RoundPosition:
     """Where this round's local steps lie in the federation (a lone call: round 1 of 1).
@@ -62,6 +75,11 @@ class RoundPosition:
         rounds = max(self.num_rounds, rnd)  # an unknown or exceeded length ends the schedule with this round
         tail = round(self.tail_epochs * steps_per_round / max(self.round_epochs, 1))
         return (rnd - 1) * steps_per_round, rounds * steps_per_round + tail
+
+
+def round_position(cfg: RoundConfig) -> RoundPosition:
+    """Where ``cfg``'s round lies in the federation's schedule (any fine-tuning tail included)."""
+    return RoundPosition(cfg.server_round, cfg.num_rounds, cfg.finetune_epochs, cfg.train.epochs)
 
 
 @dataclass(frozen=True)

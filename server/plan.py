@@ -17,7 +17,11 @@ Rules (a pure function of the fingerprints):
   pixels (nnU-Net's minimum feature-map size), between 2 and 5 downsamplings;
 - widths ``16 * 2**level`` capped at 256, the widest lowered to fit ``max_width``;
 - batch 8 in 2D, 2 in 3D, never above the smallest training site's cases;
-- Adam, lr 1e-3, BatchNorm (the norm FedBN/SiloBN keep local);
+- Adam at lr 1e-2, which the poly schedule decays to 0 over the federation's local
+  steps, and BatchNorm (the norm FedBN/SiloBN keep local). A federation of small
+  sites trains a few hundred steps per site; Adam's usual 1e-3 stops far short of
+  convergence there (local Dice 0.674 vs 0.732 at 1e-2 on 4 sites of 30 training
+  slices of 91x109, 40 rounds);
 - classes: the union of the sites' label values (outputs: the largest + 1).
 """
 
@@ -33,7 +37,7 @@ from shared_models.protocol import SiteFingerprint
 MODEL = "unet"
 NORM = "batch"
 OPTIMIZER = "adam"
-LR = 1e-3
+LR = 1e-2
 BASE_WIDTH = 16
 MAX_WIDTH = 256
 MIN_BOTTLENECK = 8  # px: the smallest side of the deepest feature map
@@ -158,7 +162,7 @@ def make_plan(
                     + (f", widths capped at {max_width}" if max_width < MAX_WIDTH else ""),
         "batch_size": f"{BATCH_SIZE[dims]} in {dims}D" + (f", capped by {smallest.site_id}'s {smallest.num_train} training cases"
                                                           if batch < BATCH_SIZE[dims] else ""),
-        "lr": f"{OPTIMIZER} default",
+        "lr": f"{OPTIMIZER}, decayed to 0 over the federation's local steps",
         "classes": "union of the sites' label values",
     }
     return Plan(

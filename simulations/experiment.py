@@ -97,7 +97,7 @@ class ExperimentConfig:
     name: str = "domain-shift"
     data: DataConfig = field(default_factory=DataConfig)
     model: dict[str, Any] | None = None  # None or a partial spec: the rest from the data's plan (simulations/planning.py)
-    methods: tuple[str, ...] = ("local", "fedavg", "fedbn", "silobn", "pooled")
+    methods: tuple[str, ...] = ("local", "fedavg", "fedbn", "ditto", "pooled")
     arms: tuple[Arm, ...] = ()  # explicit variants; compared after the plain ``methods``
     datasets: dict[str, DataConfig] = field(default_factory=dict)  # matrix axis; empty = just ``data``
     models: tuple[dict[str, Any], ...] = ()  # matrix axis: spec overrides, e.g. {name: segnetr}

@@ -15,7 +15,7 @@ def test_100x100_slices_get_a_four_level_unet():
     assert plan.channels == (16, 32, 64, 128)
     assert plan.downsamplings == 3 and plan.bottleneck == (12, 12)
     assert plan.model_spec == {"name": "unet", "channels": [16, 32, 64, 128], "norm": "batch"}
-    assert (plan.spatial_dims, plan.patch_shape, plan.batch_size, plan.lr, plan.optimizer) == (2, (100, 100), 8, 1e-3, "adam")
+    assert (plan.spatial_dims, plan.patch_shape, plan.batch_size, plan.lr, plan.optimizer) == (2, (100, 100), 8, 1e-2, "adam")
     assert plan.num_classes == 4 and plan.classes == (0, 1, 2, 3)
 
 

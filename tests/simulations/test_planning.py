@@ -14,7 +14,7 @@ PLAN = make_plan([fingerprint(f"site-{s}", shape=(100, 100)) for s in "abcd"])
 def test_an_unset_experiment_takes_the_whole_plan():
     cfg, sources = apply_plan(ExperimentConfig(), PLAN)
     assert cfg.model == {"name": "unet", "channels": [16, 32, 64, 128], "norm": "batch"}
-    assert (cfg.lr, cfg.batch_size) == (1e-3, 8)
+    assert (cfg.lr, cfg.batch_size) == (1e-2, 8)
     assert set(sources.values()) == {PLANNED}
 
 
