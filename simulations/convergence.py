@@ -14,12 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .stats import bootstrap_ci  # noqa: E402
+from .plots import plt  # pyplot on the file-only Agg backend
+from .stats import bootstrap_ci
 
 #: a method has plateaued at the first round whose mean Dice is within this of its final one
 PLATEAU_TOLERANCE = 0.01

@@ -47,6 +47,8 @@ REFERENCE_MD = "reference.md"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, required=True, help="a finished `fedsite simulate` output folder with the pooled method")
     parser.add_argument("--device", help="cpu | cuda | cuda:N | auto (default: the device the run recorded)")
+    parser.add_argument("--lr", type=float, help="the plain loop's Adam learning rate, e.g. a hand-written script's own 1e-3 "
+                        "(default: the run's; written to reference-lr<LR>.json/.md)")
 
 
 def plain_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -138,8 +140,8 @@ def resolve(name: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
 
 
-def reference_seed(cell: Cell, device: torch.device) -> dict[str, Any]:
-    """One seed: the plain loop on the cell's data, scored at every site."""
+def reference_seed(cell: Cell, device: torch.device, lr: float | None = None) -> dict[str, Any]:
+    """One seed: the plain loop on the cell's data (at the run's lr unless ``lr``), scored at every site."""
     cfg = cell.config
     if json.loads(cfg.model_schedule):
         raise ValueError(f"{cell.path}: a model schedule has no plain-loop equivalent")
@@ -147,7 +149,7 @@ def reference_seed(cell: Cell, device: torch.device) -> dict[str, Any]:
     num_classes = int(spec["out-channels"])
     data = reference_data(cfg, num_classes)
     started = time.perf_counter()
-    settings = PlainSettings(cfg.lr, cfg.batch_size, cfg.num_rounds * cfg.local_epochs)
+    settings = PlainSettings(lr or cfg.lr, cfg.batch_size, cfg.num_rounds * cfg.local_epochs)
     model = train_plain(spec, data.train_x, data.train_y, settings, cfg.seed, device)
     per_site = {s: {"dice": plain_dice(model, t.x, t.y, num_classes, device), "n_test": len(t.names), "test_cases": t.names}
                 for s, t in data.test.items()}
@@ -222,7 +224,7 @@ def markdown(reference: dict[str, Any]) -> str:
     ])
 
 
-def build_reference(run_dir: Path, device_name: str | None) -> dict[str, Any]:
+def build_reference(run_dir: Path, device_name: str | None, lr: float | None = None) -> dict[str, Any]:
     """Run the plain loop for every pooled seed of ``run_dir``; the content of reference.json."""
     from .cell_identity import code_version
 
@@ -232,12 +234,12 @@ def build_reference(run_dir: Path, device_name: str | None) -> dict[str, Any]:
         cell = cells[int(row["seed"])]
         device = resolve(device_name or cell.config.device)
         print(f"plain loop, seed {row['seed']} ({device}) ...", flush=True)
-        plain.append(reference_seed(cell, device))
+        plain.append(reference_seed(cell, device, lr))
         check_split(row, plain[-1], cell)
         print(f"      mean Dice {plain[-1]['mean_dice']:.4f} (fedsite pooled {row['mean_dice']:.4f}, {plain[-1]['wall_s']:.1f} s)", flush=True)
     cfg = cells[int(rows[0]["seed"])].config
     settings = {"data_dir": cfg.data_dir, "sites": cfg.site_list, "model": cells[int(rows[0]["seed"])].model_spec(),
-                "lr": cfg.lr, "batch_size": cfg.batch_size, "rounds": cfg.num_rounds, "local_epochs": cfg.local_epochs,
+                "lr": lr or cfg.lr, "run_lr": cfg.lr, "batch_size": cfg.batch_size, "rounds": cfg.num_rounds, "local_epochs": cfg.local_epochs,
                 "epochs": cfg.num_rounds * cfg.local_epochs, "seeds": [int(r["seed"]) for r in rows], "intensity": cfg.intensity,
                 "test_fraction": cfg.test_fraction, "split_seeds": {str(p["seed"]): cells[p["seed"]].config.split_seed for p in plain},
                 "optimizer": "adam", "loss": "dicece", "fedsite_loss": cfg.loss}
@@ -246,17 +248,25 @@ def build_reference(run_dir: Path, device_name: str | None) -> dict[str, Any]:
             "settings": settings, "runs": plain, "summary": summarise(rows, plain, sites)}
 
 
+def reference_files(run_dir: Path, lr: float | None) -> tuple[Path, Path]:
+    """reference.json/.md at the run's lr; reference-lr<LR>.json/.md at another, so neither overwrites the other."""
+    if lr is None:
+        return run_dir / REFERENCE_FILE, run_dir / REFERENCE_MD
+    return run_dir / f"reference-lr{lr:g}.json", run_dir / f"reference-lr{lr:g}.md"
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        reference = build_reference(args.run, args.device)
+        reference = build_reference(args.run, args.device, args.lr)
     except (OSError, ValueError) as exc:
         print(f"fedsite reference: {exc}", file=sys.stderr)
         return 2
-    atomic_write_text(args.run / REFERENCE_FILE, json.dumps(reference, indent=2))
-    atomic_write_text(args.run / REFERENCE_MD, markdown(reference))
+    json_file, md_file = reference_files(args.run, args.lr)
+    atomic_write_text(json_file, json.dumps(reference, indent=2))
+    atomic_write_text(md_file, markdown(reference))
     print()
     print(table(reference))
     if reference["code_version"] != reference["run_code_version"]:
         print(f"note: fedsite's code changed since the run ({reference['run_code_version']} -> {reference['code_version']})")
-    print(f"\nwritten: {args.run / REFERENCE_FILE}, {args.run / REFERENCE_MD}")
+    print(f"\nwritten: {json_file}, {md_file}")
     return 0

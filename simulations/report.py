@@ -18,7 +18,10 @@ from typing import Any
 from shared_models.durable import atomic_write_text
 from shared_models.protocol import RESULTS_FILE
 
+from .site_gains import site_gains_table
 from .stats import excludes_zero, method_ci
+
+GAINS_CAPTION = "Gain over local training at each site (mean over seeds of the paired difference in Dice):"
 
 
 def _mean(values: list[float]) -> float:
@@ -145,6 +148,7 @@ def write_reports(results: dict[str, Any], out: Path) -> str:
         "",
         *(["Paired differences (every federated method against local and FedAvg; * = interval excludes 0):", "",
            comparison_table(results), ""] if results.get("comparisons") else []),
+        *_gains_block(results),
         "Per site: Dice (mean ± std over seeds) and 95th-percentile Hausdorff distance (mm, from each case's voxel spacing; mean over seeds):",
         "",
         detail_table(results),
@@ -154,6 +158,11 @@ def write_reports(results: dict[str, Any], out: Path) -> str:
         md += ["Command:", "", f"    {results['command']}", ""]
     atomic_write_text(out / "results.md", "\n".join(md))
     return table
+
+
+def _gains_block(results: dict[str, Any]) -> list[str]:
+    table = site_gains_table(results)
+    return [GAINS_CAPTION, "", table, ""] if table else []
 
 
 def holdout_table(results: dict[str, Any]) -> str:

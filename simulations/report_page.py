@@ -19,6 +19,7 @@ from .experiment import DataConfig, ExperimentConfig
 from .convergence import PLATEAU_TOLERANCE, convergence_table, plot_convergence
 from .plots import plot_dice_per_round, plot_dice_per_site, plot_examples
 from .report import detail_table, dice_table
+from .site_gains import site_gains_table
 
 
 def collect_examples(out: Path, results: dict[str, Any], root: Path, data: DataConfig) -> dict[str, dict[str, Any]]:
@@ -67,6 +68,8 @@ def write_report_page(out: Path, results: dict[str, Any], cfg: ExperimentConfig,
         "",
         dice_table(results),
         "",
+        *(["## Gain over local training at each site (mean over seeds of the paired difference in Dice)", "",
+           site_gains_table(results), ""] if site_gains_table(results) else []),
         "## Dice (mean ± std over seeds) and HD95 (mm) per site",
         "",
         detail_table(results),

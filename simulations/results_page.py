@@ -16,7 +16,8 @@ from typing import Any
 
 from .claims import claims_block
 from .convergence import PLATEAU_TOLERANCE, convergence_table
-from .report import dice_table, holdout_table
+from .report import GAINS_CAPTION, dice_table, holdout_table
+from .site_gains import site_gains_table
 from .retrain import FIXED_ARCH, Choice, is_supernet
 
 UNKNOWN = "unknown"
@@ -117,6 +118,8 @@ def render_section(section: Section) -> list[str]:
                       f"operator. Architecture from `{section.out / 'architectures.json'}`; retrained by "
                       f"`{section.retrained.command}`.", ""]
     lines += [*claims_block(section.results.get("comparisons", [])), ""]
+    gains = site_gains_table(results)
+    lines += [GAINS_CAPTION, "", gains, ""] if gains else []
     if any(len(r.get("history", [])) > 1 for r in section.results["runs"]):
         lines += ["Convergence: mean Dice over sites [95% interval over seeds] by round; plateau = the first round from "
                   f"which the mean stays within {PLATEAU_TOLERANCE} of its final value:", "",

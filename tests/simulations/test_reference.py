@@ -67,6 +67,18 @@ def test_reference_json_structure(finished_run):
 
 
 @pytest.mark.slow
+def test_another_lr_is_written_beside_the_runs_own_reference(finished_run):
+    """A hand-written script's own lr: its own files; the run's-lr reference stays as it was."""
+    before = (finished_run / "reference.json").read_text()
+    assert main(["reference", "--run", str(finished_run), "--lr", "0.02"]) == 0
+    other = json.loads((finished_run / "reference-lr0.02.json").read_text())
+    ref = json.loads(before)
+    assert (finished_run / "reference.json").read_text() == before and (finished_run / "reference-lr0.02.md").is_file()
+    assert (other["settings"]["lr"], other["settings"]["run_lr"]) == (0.02, ref["settings"]["lr"])
+    assert other["summary"]["mean"]["plain"] != ref["summary"]["mean"]["plain"]  # the plain loop trained at 0.02
+
+
+@pytest.mark.slow
 def test_split_is_fedsites(finished_run):
     ref = json.loads((finished_run / "reference.json").read_text())
     for seed, plain in zip(SEEDS, ref["runs"]):
