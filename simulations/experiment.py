@@ -108,6 +108,7 @@ class ExperimentConfig:
     rounds: int = 10
     local_epochs: int = 1
     lr: float | None = None  # None: from the data's plan
+    pooled_lr: float | None = None  # the pooled arm's; None: ``lr`` (a planned ``lr`` plans this too)
     optimizer: str = _TRAIN.optimizer  # adam | adamw | sgd
     momentum: float = _TRAIN.momentum  # sgd only
     lr_schedule: str = _TRAIN.schedule  # constant | poly | cosine
@@ -151,6 +152,9 @@ class ExperimentConfig:
         for key, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("transport_dtype", TRANSPORT_DTYPES)):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"{key.replace('_', '-')}: expected one of {list(choices)}, got {getattr(self, key)!r}")
+        for key in ("lr", "pooled_lr"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise ConfigError(f"{key.replace('_', '-')}: must be > 0, got {getattr(self, key)}")
         check_sizes(self.patch_size, "patch-size")
         check_sizes(self.target_spacing, "target-spacing")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -86,6 +86,9 @@ def apply_plan(cfg: ExperimentConfig, plan: Plan) -> tuple[ExperimentConfig, dic
         sources[key] = GIVEN if getattr(cfg, key) is not None else PLANNED
     resolved = replace(cfg, model=model, **{key: getattr(plan, key) for key in ("lr", "batch_size", "patch_size", "target_spacing")
                                              if getattr(cfg, key) is None})
+    if cfg.lr is None and cfg.pooled_lr is None:  # a given lr holds for every arm, the pooled one too
+        resolved = replace(resolved, pooled_lr=plan.pooled_lr)
+    sources["pooled_lr"] = GIVEN if cfg.pooled_lr is not None or cfg.lr is not None else PLANNED
     return resolved, sources
 
 
@@ -109,7 +112,9 @@ def describe(plan: Plan, fps: list[SiteFingerprint], cfg: ExperimentConfig, sour
         f"  network  {model.get('name')}{mark('model.name')} channels {model.get('channels')}"
         f"{mark('model.channels') if 'channels' in model else ''} norm {model.get('norm')}"
         f"{mark('model.norm') if 'norm' in model else ''}; planned: {plan.reasons['channels']}",
-        f"  training {plan.optimizer} lr {cfg.lr:g}{mark('lr')}, batch {cfg.batch_size}{mark('batch_size')}"
+        f"  training {plan.optimizer} lr {cfg.lr:g}{mark('lr')}"
+        + (f" (pooled {cfg.pooled_lr:g}{mark('pooled_lr')})" if cfg.pooled_lr is not None else "")
+        + f", batch {cfg.batch_size}{mark('batch_size')}"
         f" (planned: {plan.reasons['batch_size']})",
         f"  inputs   " + (f"patches {_shape(cfg.patch_size)}{mark('patch_size')}, spacing "
                           f"{_shape(cfg.target_spacing) if cfg.target_spacing else 'native'}{mark('target_spacing')}"
@@ -125,7 +130,7 @@ def plan_experiment(cfg: ExperimentConfig, data: DataConfig, root: Path, sites: 
     print(describe(plan, fps, resolved, sources), flush=True)
     record = {
         "plan": plan.to_json(),
-        "applied": {"model": resolved.model, "lr": resolved.lr, "batch_size": resolved.batch_size,
+        "applied": {"model": resolved.model, "lr": resolved.lr, "pooled_lr": resolved.pooled_lr, "batch_size": resolved.batch_size,
                     "patch_size": list(resolved.patch_size or ()), "target_spacing": list(resolved.target_spacing or ())},
         "sources": sources,
         "fingerprints": [dataclasses.asdict(fp) for fp in fps],

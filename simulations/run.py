@@ -160,7 +160,7 @@ def run_config_for(cfg: ExperimentConfig, data: DataConfig, cell: Cell, root: Pa
         out_dir=str(cell_dir),
         num_rounds=rounds,
         local_epochs=cfg.local_epochs,
-        lr=cfg.lr,
+        lr=cfg.pooled_lr if m.pooled and cfg.pooled_lr is not None else cfg.lr,
         optimizer=cfg.optimizer,
         momentum=cfg.momentum,
         lr_schedule=cfg.lr_schedule,

@@ -25,7 +25,7 @@ def test_plan_fills_the_unset_values_and_a_flag_overrides_it(tmp_path, capsys):
     plan = record["plan"]
     assert plan["patch_shape"] == [32, 32] and plan["channels"] == [16, 32, 64] and plan["batch_size"] == 6
     assert plan["num_classes"] == 3 and [fp["site_id"] for fp in record["fingerprints"]] == ["site-a", "site-b"]
-    assert record["applied"] == {"model": {"name": "unet", "channels": [4, 8], "norm": "batch"}, "lr": 1e-2, "batch_size": 2,
+    assert record["applied"] == {"model": {"name": "unet", "channels": [4, 8], "norm": "batch"}, "lr": 1e-2, "pooled_lr": 1e-3, "batch_size": 2,
                                  "patch_size": [], "target_spacing": []}  # 2D slices of 32x32: whole images
     assert record["sources"]["batch_size"] == "set" and record["sources"]["lr"] == "plan"
 
@@ -34,4 +34,4 @@ def test_plan_fills_the_unset_values_and_a_flag_overrides_it(tmp_path, capsys):
     assert (run_config["lr"], run_config["batch-size"]) == (1e-2, 2)
     assert json.loads(run_config["model"])["channels"] == [4, 8] and json.loads(run_config["model"])["norm"] == "batch"
     printed = capsys.readouterr().out
-    assert "plan (2 site fingerprints" in printed and "batch 2 [set]" in printed and "lr 0.01 [plan]" in printed
+    assert "plan (2 site fingerprints" in printed and "batch 2 [set]" in printed and "lr 0.01 [plan] (pooled 0.001 [plan])" in printed

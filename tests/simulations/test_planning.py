@@ -14,7 +14,7 @@ PLAN = make_plan([fingerprint(f"site-{s}", shape=(100, 100)) for s in "abcd"])
 def test_an_unset_experiment_takes_the_whole_plan():
     cfg, sources = apply_plan(ExperimentConfig(), PLAN)
     assert cfg.model == {"name": "unet", "channels": [16, 32, 64, 128], "norm": "batch"}
-    assert (cfg.lr, cfg.batch_size) == (1e-2, 8)
+    assert (cfg.lr, cfg.pooled_lr, cfg.batch_size) == (1e-2, 1e-3, 8)
     assert set(sources.values()) == {PLANNED}
 
 
@@ -22,9 +22,9 @@ def test_explicit_values_win_over_the_plan():
     given = ExperimentConfig(model={"channels": [8, 16]}, lr=0.02, batch_size=3)
     cfg, sources = apply_plan(given, PLAN)
     assert cfg.model == {"name": "unet", "channels": [8, 16], "norm": "batch"}
-    assert (cfg.lr, cfg.batch_size) == (0.02, 3)
+    assert (cfg.lr, cfg.pooled_lr, cfg.batch_size) == (0.02, None, 3)  # a given lr holds for the pooled arm too
     assert sources == {"model.name": PLANNED, "model.channels": GIVEN, "model.norm": PLANNED, "lr": GIVEN, "batch_size": GIVEN,
-                       "patch_size": PLANNED, "target_spacing": PLANNED}
+                       "patch_size": PLANNED, "target_spacing": PLANNED, "pooled_lr": GIVEN}
     assert (cfg.patch_size, cfg.target_spacing) == (PLAN.patch_size, PLAN.target_spacing)
 
 
@@ -56,3 +56,15 @@ def test_a_folder_dataset_names_the_report_after_the_folder_and_its_dimensionali
         (tmp_path / "hospitals" / "a" / kind).mkdir(parents=True)
         nib.save(nib.Nifti1Image(np.zeros((6, 6, 5), np.uint8), np.eye(4)), tmp_path / "hospitals" / "a" / kind / "c0.nii.gz")
     assert base_experiment(None, tmp_path / "hospitals").name == "hospitals-3d"
+
+
+def test_the_pooled_arm_trains_at_the_pooled_lr_and_every_other_arm_at_the_lr(tmp_path):
+    from simulations.experiment import Arm, Cell, DataConfig
+    from simulations.run import run_config_for
+
+    cfg, _ = apply_plan(ExperimentConfig(), PLAN)
+    lrs = {}
+    for method in ("pooled", "fedbn", "local"):
+        cell = Cell("data", method, Arm(method), cfg.model, 0)
+        lrs[method] = run_config_for(cfg, DataConfig(), cell, tmp_path, ["site-a", "site-b"], tmp_path / method)["lr"]
+    assert lrs == {"pooled": 1e-3, "fedbn": 1e-2, "local": 1e-2}
